@@ -1,0 +1,7 @@
+"""Pool: ``multiprocessing.Pool`` on the dragon-nb runtime."""
+from dragon_nb.pool.dispatcher import PoolBrokenError, WorkerLostError
+from dragon_nb.pool.pool import Pool
+from dragon_nb.pool.results import ApplyResult, AsyncResult, IMapIterator, MapResult
+
+__all__ = ["Pool", "ApplyResult", "AsyncResult", "MapResult", "IMapIterator",
+           "PoolBrokenError", "WorkerLostError"]

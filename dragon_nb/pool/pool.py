@@ -1,0 +1,302 @@
+"""``Pool``: ``multiprocessing.Pool`` semantics, workers on the runtime's nodes.
+
+Work is pickled in the calling thread (so a bad function or argument fails
+right there, naming the culprit, before anything is sent) and handed to the
+pool's I/O thread (see ``dispatcher``), which workers pull from directly.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import reprlib
+import sys
+import threading
+import warnings
+import weakref
+from multiprocessing.pool import CLOSE, INIT, RUN, TERMINATE
+
+from dragon_nb.pool import results as R
+from dragon_nb.pool.dispatcher import Dispatcher, Job
+from dragon_nb.pool.worker import APPLY, MAP, STARMAP, func_id
+from dragon_nb.runtime.client import get_runtime, on_stop, register_entry_module
+from dragon_nb.wire import serialization as S
+
+register_entry_module("dragon_nb.pool.worker")
+
+IMAP_WINDOW_CHUNKS = 1024
+IMAP_WINDOW_BYTES = 64 << 20
+_live = weakref.WeakSet()
+_UNSET = object()
+
+
+def _chunksize(chunksize, chunk_size, default):
+    if chunk_size is not _UNSET and chunk_size is not None:
+        if chunksize not in (_UNSET, None) and chunksize != chunk_size:
+            raise TypeError("give chunksize= or its alias chunk_size=, not both")
+        chunksize = chunk_size
+    return default if chunksize is _UNSET else chunksize
+
+
+def _pickle_failed(e: Exception, what: str):
+    """Re-raise a pickling failure with a message that names what failed."""
+    msg = f"{what} cannot be pickled to send to the pool workers: {e}"
+    if isinstance(e, (TypeError, pickle.PicklingError, AttributeError)):
+        try:
+            new = type(e)(msg)
+        except Exception:
+            new = None
+        if new is not None:
+            raise new from e
+    if hasattr(e, "add_note"):
+        e.add_note(msg)
+    raise e
+
+
+def _dumps_func(func) -> tuple[str, bytes]:
+    if not callable(func):
+        raise TypeError(f"{func!r} is not callable")
+    try:
+        blob = S.dumps_inline(func)
+    except Exception as e:
+        why = S.describe_unpicklable(func)
+        name = getattr(func, "__qualname__", repr(func))
+        _pickle_failed(e, why or f"the function {name!r}")
+    return func_id(blob), blob
+
+
+def _dumps_chunk(items, func):
+    try:
+        return S.dumps_work(items)
+    except Exception as e:
+        culprit = "an argument"
+        if isinstance(items, (list, tuple)):
+            for i, item in enumerate(items):
+                try:
+                    S.dumps_work(item)
+                except Exception:
+                    culprit = f"the argument {reprlib.repr(item)}"
+                    break
+        name = getattr(func, "__qualname__", repr(func))
+        _pickle_failed(e, f"{culprit} for {name}()")
+
+
+class Pool:
+    """A pool of worker processes spread over the runtime's nodes.
+
+    Same constructor as ``multiprocessing.Pool``, plus ``nodes=`` (node ids to
+    place workers on) and ``runtime=`` (defaults to the current one, started
+    on first use).
+    """
+
+    def __init__(self, processes=None, initializer=None, initargs=(),
+                 maxtasksperchild=None, context=None, *, nodes=None, runtime=None):
+        self._state = INIT
+        if processes is not None and processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if maxtasksperchild is not None:
+            if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
+                raise ValueError("maxtasksperchild must be a positive int or None")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        init_blob = None
+        if initializer is not None:
+            try:
+                S.dumps_inline((initializer, tuple(initargs)))
+            except Exception as e:
+                _pickle_failed(e, S.describe_unpicklable(initializer) or
+                               "the initializer or its initargs")
+            init_blob = S.dumps_inline((initializer, tuple(initargs)))
+        self._runtime = runtime or get_runtime()
+        if processes is None:
+            processes = self._runtime.default_workers()
+        self._processes = processes
+        spec = {"sys_path": list(sys.path), "cwd": os.getcwd(), "initializer": init_blob}
+        self._dispatcher = Dispatcher(self._runtime, processes, maxtasksperchild, spec,
+                                      nodes=nodes)
+        self._state = RUN
+        _live.add(self._dispatcher)
+        self._finalizer = weakref.finalize(self, self._dispatcher.terminate)
+
+    # -- what the stdlib's test suite and tools look at ----------------------------
+    @property
+    def _pool(self):
+        return list(self._dispatcher.handles)
+
+    def _repopulate_pool(self):
+        self._dispatcher.repopulate()
+
+    @property
+    def owner(self) -> str:
+        """This pool's id in the runtime's telemetry."""
+        return self._dispatcher.owner
+
+    def _check_running(self):
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+
+    # -- apply -------------------------------------------------------------------------
+    def apply(self, func, args=(), kwds={}):
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
+        self._check_running()
+        fid, blob = _dumps_func(func)
+        payload, bufs = _dumps_chunk((tuple(args), dict(kwds)), func)
+        result = R.ApplyResult(self._dispatcher.cancel, callback, error_callback)
+        job = Job(result._job, APPLY, fid, blob, result, f"apply({_name(func)})")
+        self._dispatcher.submit(job, [[0, payload, bufs, 0]])
+        return result
+
+    # -- map ---------------------------------------------------------------------------
+    def map(self, func, iterable, chunksize=_UNSET, *, chunk_size=_UNSET):
+        return self._map_async(func, iterable, MAP,
+                               _chunksize(chunksize, chunk_size, None)).get()
+
+    def starmap(self, func, iterable, chunksize=_UNSET, *, chunk_size=_UNSET):
+        return self._map_async(func, iterable, STARMAP,
+                               _chunksize(chunksize, chunk_size, None)).get()
+
+    def map_async(self, func, iterable, chunksize=_UNSET, callback=None,
+                  error_callback=None, *, chunk_size=_UNSET):
+        return self._map_async(func, iterable, MAP, _chunksize(chunksize, chunk_size, None),
+                               callback, error_callback)
+
+    def starmap_async(self, func, iterable, chunksize=_UNSET, callback=None,
+                      error_callback=None, *, chunk_size=_UNSET):
+        return self._map_async(func, iterable, STARMAP,
+                               _chunksize(chunksize, chunk_size, None),
+                               callback, error_callback)
+
+    def _map_async(self, func, iterable, mode, chunksize=None, callback=None,
+                   error_callback=None):
+        self._check_running()
+        fid, blob = _dumps_func(func)
+        if not hasattr(iterable, "__len__"):
+            iterable = list(iterable)
+        if chunksize is None:
+            chunksize, extra = divmod(len(iterable), self._processes * 4)
+            if extra:
+                chunksize += 1
+        elif not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
+        if len(iterable) == 0:
+            chunksize = 0
+        chunks = []
+        it = iter(iterable)
+        n = 0
+        while chunksize:
+            items = list(itertools.islice(it, chunksize))
+            if not items:
+                break
+            payload, bufs = _dumps_chunk(items, func)
+            chunks.append([len(chunks), payload, bufs, 0])
+            n += len(items)
+        result = R.MapResult(self._dispatcher.cancel, len(chunks), n, chunksize,
+                             callback, error_callback)
+        verb = "map" if mode == MAP else "starmap"
+        job = Job(result._job, mode, fid, blob, result, f"{verb}({_name(func)})")
+        if chunks:
+            self._dispatcher.submit(job, chunks)
+        return result
+
+    # -- imap ----------------------------------------------------------------------------
+    def imap(self, func, iterable, chunksize=_UNSET, *, chunk_size=_UNSET):
+        return self._imap(func, iterable, _chunksize(chunksize, chunk_size, 1),
+                          R.IMapIterator)
+
+    def imap_unordered(self, func, iterable, chunksize=_UNSET, *, chunk_size=_UNSET):
+        return self._imap(func, iterable, _chunksize(chunksize, chunk_size, 1),
+                          R.IMapUnorderedIterator)
+
+    def _imap(self, func, iterable, chunksize, cls):
+        self._check_running()
+        if not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+        fid, blob = _dumps_func(func)
+        it = iter(iterable)
+        window = R.Window(IMAP_WINDOW_CHUNKS, IMAP_WINDOW_BYTES)
+        result = cls(self._dispatcher.cancel, window)
+        verb = "imap" if cls is R.IMapIterator else "imap_unordered"
+        job = Job(result._job, MAP, fid, blob, result, f"{verb}({_name(func)})")
+        self._dispatcher.submit(job, None)
+        threading.Thread(target=_feed, args=(self._dispatcher, job, it, chunksize, window, func),
+                         name=f"dragon-nb feeder {job.name}", daemon=True).start()
+        return result
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def close(self):
+        if self._state == RUN:
+            self._state = CLOSE
+            self._dispatcher.close()
+
+    def terminate(self):
+        self._state = TERMINATE
+        self._dispatcher.terminate()
+
+    def join(self):
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        elif self._state not in (CLOSE, TERMINATE):
+            raise ValueError("In unknown state")
+        while not self._dispatcher.finished.wait(0.2):
+            pass
+        self._dispatcher.thread.join()
+
+    def __enter__(self):
+        self._check_running()
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        self.terminate()
+
+    def __reduce__(self):
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
+    def __repr__(self):
+        state = {INIT: "INIT", RUN: "RUN", CLOSE: "CLOSE", TERMINATE: "TERMINATE"}.get(
+            getattr(self, "_state", INIT), "?")
+        return (f"<dragon_nb.Pool state={state} pool_size={getattr(self, '_processes', '?')}>")
+
+    def __del__(self, _warn=warnings.warn, RUN=RUN):
+        if getattr(self, "_state", None) == RUN:
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
+                  source=self)
+
+
+def _name(func) -> str:
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+
+
+def _feed(dispatcher, job, it, chunksize, window, func):
+    """Pull the input lazily, at most a window ahead of what the caller consumed."""
+    idx = 0
+    result = job.result
+    while True:
+        try:
+            items = list(itertools.islice(it, chunksize))
+            if not items:
+                dispatcher.end(job.id, idx)
+                return
+            payload, bufs = _dumps_chunk(items, func)
+        except BaseException as e:          # the input failed: an error at this position
+            dispatcher.feed_error(job.id, idx, e)
+            return
+        nbytes = len(payload) + sum(memoryview(b).nbytes for b in bufs)
+        if not window.acquire(nbytes):
+            return                          # cancelled or failed
+        result._note_size(idx, nbytes)
+        dispatcher.feed(job.id, [idx, payload, bufs, 0])
+        idx += 1
+
+
+def _terminate_all(runtime):
+    for d in list(_live):
+        if d.runtime is runtime and not d.finished.is_set():
+            d.terminate()
+    for d in list(_live):
+        if d.runtime is runtime:
+            d.finished.wait(5)
+
+
+on_stop(_terminate_all)

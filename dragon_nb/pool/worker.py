@@ -1,0 +1,262 @@
+"""A Pool worker: runs in a process forked by a node agent.
+
+It connects straight to its pool's task endpoint in the caller, runs the
+initializer once, then executes the chunks the pool sends (several per
+message) and returns results in batches, so ``chunksize=1`` does not cost a
+round trip per item. ``SIGUSR1`` means "look at your mailbox": if the chunk
+being run belongs to a cancelled job, it is interrupted.
+
+Entry point: ``main(spec, ctx)``, started by the agent.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import multiprocessing.pool as mpp
+import multiprocessing.process as mpproc
+import os
+import signal
+import sys
+import time
+import traceback
+
+import zmq
+
+from dragon_nb.runtime.counters import BUSY_US, DONE, QDEPTH, RUNNING
+from dragon_nb.wire import protocol as P
+from dragon_nb.wire import serialization as S
+
+APPLY, MAP, STARMAP = 0, 1, 2
+FLUSH_EVERY_S = 0.005
+FLUSH_BYTES = 1 << 20
+FUNC_CACHE = 256
+IDLE_POLL_MS = 1000
+
+
+class TaskCancelled(BaseException):
+    """Raised inside a running task whose job was cancelled by the caller."""
+
+
+class WorkerProcess(mpproc.BaseProcess):
+    """What ``current_process()`` returns in a worker: one object for its life,
+    so attributes such as ``stash`` set by an initializer persist between tasks."""
+
+    def __init__(self, name: str, identity: tuple, node: int):   # no BaseProcess.__init__:
+        self._identity = identity                                 # nothing to start
+        self._name = name
+        self._parent_pid = None
+        self._parent_name = None
+        self._popen = None
+        self._closed = False
+        self._target, self._args, self._kwargs = None, (), {}
+        self._config = {"authkey": mpproc.AuthenticationString(os.urandom(32)),
+                        "semprefix": "/mp"}
+        self.node = node
+
+
+def _run_chunk(func, mode, payload):
+    if mode == MAP:
+        return list(map(func, payload))
+    if mode == STARMAP:
+        return [func(*args) for args in payload]
+    args, kwargs = payload
+    return func(*args, **kwargs)
+
+
+class Worker:
+    def __init__(self, spec: dict, ctx):
+        self.spec = spec
+        self.ctx = ctx
+        self.node = ctx.node
+        self.counters = ctx.counters
+        self.wid = f"w{ctx.node}-{os.getpid()}".encode()
+        self.zctx = zmq.Context()
+        sock = self.zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.wid)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(spec["address"])
+        self.chan = P.Channel(sock, P.Codec())
+        self.queue: collections.deque = collections.deque()
+        self.funcs: collections.OrderedDict = collections.OrderedDict()
+        self.cancelled: set = set()
+        self.out: list = []
+        self.out_bufs: list = []
+        self.out_bytes = 0
+        self.last_flush = time.monotonic()
+        self.stopping = False
+        self.in_user_code = False
+        self.current_job = None
+        self.signalled = False
+        self.maxtasks = spec.get("maxtasks")
+        self.completed = 0
+
+    # -- mailbox ---------------------------------------------------------------
+    def drain(self, block_ms: int = 0) -> None:
+        """Read every waiting message (waiting up to ``block_ms`` for the first)."""
+        if block_ms and not self.chan.sock.poll(block_ms):
+            return
+        while True:
+            try:
+                _, kind, body, bufs = self.chan.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except P.ProtocolError:
+                continue
+            if kind == P.TASKS:
+                for fid, blob in body.get("funcs", {}).items():
+                    self.funcs[fid] = S.loads(blob)
+                    if len(self.funcs) > FUNC_CACHE:
+                        self.funcs.popitem(last=False)
+                pos = 0
+                for job, idx, mode, fid, payload, nbufs in body["tasks"]:
+                    self.queue.append((job, idx, mode, fid, payload, bufs[pos:pos + nbufs]))
+                    pos += nbufs
+            elif kind == P.CANCEL:
+                jobs = set(body["jobs"])
+                self.cancelled |= jobs
+                kept = collections.deque(t for t in self.queue if t[0] not in jobs)
+                self.completed += len(self.queue) - len(kept)   # dropped tasks count
+                self.queue = kept
+            elif kind == P.STOP:
+                self.stopping = True
+
+    def on_signal(self, signum, frame):
+        self.signalled = True
+        if self.in_user_code:
+            self.signalled = False
+            self.drain()
+            if self.current_job in self.cancelled:
+                raise TaskCancelled()
+
+    # -- results ------------------------------------------------------------------
+    def add_result(self, job, idx, ok, value, dt):
+        try:
+            data, bufs = S.dumps_result(value)
+        except Exception as e:
+            ok = False
+            data, bufs = S.dumps_result(mpp.MaybeEncodingError(e, value))
+        self.out.append((job, idx, ok, data, len(bufs), dt))
+        self.out_bufs.extend(bufs)
+        self.out_bytes += len(data) + sum(b.raw().nbytes for b in bufs)
+
+    def flush(self):
+        if self.out:
+            self.chan.send(P.RESULTS, {"results": self.out}, buffers=self.out_bufs)
+            self.out, self.out_bufs, self.out_bytes = [], [], 0
+        self.last_flush = time.monotonic()
+
+    # -- main loop ----------------------------------------------------------------
+    def run_initializer(self) -> bool:
+        init = self.spec.get("initializer")
+        if init is None:
+            return True
+        try:
+            func, args = S.loads(init)
+            func(*args)
+            return True
+        except BaseException as e:
+            tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+            self.chan.send(P.INIT_FAILED, {"error": tb, "pid": os.getpid(),
+                                           "node": self.node, "summary": repr(e)})
+            return False
+
+    def execute(self, task):
+        job, idx, mode, fid, payload, bufs = task
+        func = self.funcs.get(fid)
+        t0 = time.perf_counter()
+        self.current_job = job
+        self.counters.set(RUNNING, 1)
+        self.counters.set(QDEPTH, len(self.queue))
+        self.counters.publish()
+        ok = True
+        try:
+            if func is None:
+                raise RuntimeError(f"worker {self.wid.decode()} was sent a task for an "
+                                   f"unknown function id {fid!r}")
+            args = S.loads(payload, bufs)
+            self.in_user_code = True
+            if self.signalled:       # a cancel arrived while we were between tasks
+                self.in_user_code = False
+                self.signalled = False
+                self.drain()
+                if job in self.cancelled:
+                    raise TaskCancelled()
+                self.in_user_code = True
+            value = _run_chunk(func, mode, args)
+            self.in_user_code = False
+        except TaskCancelled:
+            self.in_user_code = False
+            self.current_job = None
+            self.counters.set(RUNNING, 0)
+            self.counters.publish()
+            self.completed += 1
+            return
+        except BaseException as e:
+            self.in_user_code = False
+            ok, value = False, mpp.ExceptionWithTraceback(e, e.__traceback__)
+        dt = time.perf_counter() - t0
+        self.current_job = None
+        n = len(args) if mode != APPLY and ok else 1
+        self.counters.add(DONE, n)
+        self.counters.add(BUSY_US, dt * 1e6)
+        self.counters.set(RUNNING, 0)
+        self.counters.publish()
+        self.add_result(job, idx, ok, value, dt)
+        self.completed += 1
+
+    def run(self) -> int:
+        if not self.run_initializer():
+            self.flush()
+            return 3
+        self.chan.send(P.HELLO, {"wid": self.wid, "pid": os.getpid(), "node": self.node})
+        while True:
+            if self.maxtasks and self.completed >= self.maxtasks:
+                self.flush()
+                return 0
+            if not self.queue:
+                self.flush()
+                if self.stopping:
+                    return 0
+                self.drain(IDLE_POLL_MS)
+                continue
+            if self.signalled:
+                self.signalled = False
+                self.drain()
+                if not self.queue:
+                    continue
+            self.execute(self.queue.popleft())
+            now = time.monotonic()
+            if now - self.last_flush >= FLUSH_EVERY_S or self.out_bytes >= FLUSH_BYTES:
+                self.flush()
+                self.drain()
+
+    def close(self):
+        self.chan.close(linger=2000)
+        self.zctx.term()
+
+
+def _prepare(spec: dict) -> None:
+    """Make this process look like the caller for unpickling by reference."""
+    for path in reversed(spec.get("sys_path", ())):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    cwd = spec.get("cwd")
+    if cwd and os.path.isdir(cwd):
+        os.chdir(cwd)
+
+
+def main(spec_bytes: bytes, ctx) -> int:
+    spec = S.loads(spec_bytes)
+    _prepare(spec)
+    name = f"DragonPoolWorker-{ctx.node}-{os.getpid()}"
+    mpproc._current_process = WorkerProcess(name, (ctx.node, ctx.index + 1), ctx.node)
+    worker = Worker(spec, ctx)
+    signal.signal(signal.SIGUSR1, worker.on_signal)
+    try:
+        return worker.run()
+    finally:
+        worker.close()
+
+
+def func_id(blob: bytes) -> str:
+    return hashlib.blake2b(blob, digest_size=12).hexdigest()

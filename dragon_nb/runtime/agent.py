@@ -1,0 +1,278 @@
+"""The node agent: one per node; forks, watches and reaps its service processes.
+
+It knows nothing of pools or dictionaries: the head asks it to run ``count``
+copies of an entry point (``"package.module:function"``) with an opaque spec,
+and it forks them from itself (the entry modules are imported once, before
+any fork, so a new worker costs a fork, not an interpreter start). It reports
+exits, and a few times a second publishes the node's figures: processes, CPU,
+RSS and the counters its children keep in shared memory.
+
+Run as ``python -m dragon_nb.runtime.agent --head ADDR --node ID ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import psutil
+import zmq
+
+from dragon_nb.runtime import launch
+from dragon_nb.runtime.counters import CounterBlock, Counters, FIELDS, DONE, RUNNING
+from dragon_nb.wire import protocol as P
+
+log = logging.getLogger("dragon_nb.agent")
+
+
+@dataclass
+class ServiceContext:
+    """What a service process learns about where it runs."""
+    node: int
+    hostname: str
+    cpus: list
+    physical_mem: int
+    owner: str
+    index: int                     # position among the processes of one spawn request
+    counters: Counters = field(repr=False, default=None)
+
+
+@dataclass
+class Child:
+    pid: int
+    owner: str
+    slot: int
+    ps: psutil.Process | None = None
+
+
+class Agent:
+    def __init__(self, args):
+        self.args = args
+        self.node = args.node
+        self.hostname = socket.gethostname()
+        self.cpus = [int(c) for c in args.cpus.split(",") if c]
+        self.mem = args.mem
+        self.counters = CounterBlock()
+        self.children: dict[int, Child] = {}
+        self.retired: dict[str, list] = {}     # owner -> summed counters of exited children
+        self.lifeline_fd = args.lifeline_fd
+        self.pid = os.getpid()
+        # wake the poll loop on SIGCHLD
+        self.sig_r, self.sig_w = os.pipe()
+        os.set_blocking(self.sig_w, False)
+        os.set_blocking(self.sig_r, False)
+        signal.set_wakeup_fd(self.sig_w)
+        signal.signal(signal.SIGCHLD, lambda *a: None)
+        self.ctx = zmq.Context()
+        self.chan = P.Channel(self.ctx.socket(zmq.DEALER), P.Codec())
+        self.chan.sock.setsockopt(zmq.IDENTITY, f"agent-{self.node}".encode())
+        self.chan.sock.connect(args.head)
+        self.self_ps = psutil.Process()
+
+    # -- spawning -------------------------------------------------------------
+    def spawn(self, body):
+        pids = []
+        for index in range(int(body["count"])):
+            slot = self.counters.allocate()
+            pid = os.fork()
+            if pid == 0:
+                self._child(body, index, slot)     # never returns
+            self.children[pid] = Child(pid, body["owner"], slot)
+            pids.append(pid)
+        return pids
+
+    def _child(self, body, index, slot):
+        code = 1
+        try:
+            launch.set_pdeathsig(signal.SIGKILL)
+            if os.getppid() != self.pid:
+                os._exit(1)
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for fd in (self.sig_r, self.sig_w, self.lifeline_fd):
+                if fd is not None:
+                    os.close(fd)
+            ctx = ServiceContext(node=self.node, hostname=self.hostname, cpus=self.cpus,
+                                 physical_mem=self.mem, owner=body["owner"], index=index,
+                                 counters=self.counters.view(slot))
+            module, _, func = body["entry"].partition(":")
+            result = getattr(importlib.import_module(module), func)(body["spec"], ctx)
+            code = result if isinstance(result, int) else 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+    def kill(self, pids, sig):
+        for pid in pids:
+            if pid in self.children:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def reap(self):
+        exited = []
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            values = self.counters.release(child.slot)
+            acc = self.retired.setdefault(child.owner, [0] * len(FIELDS))
+            acc[DONE] += values[DONE]
+            exited.append((pid, code))
+        if exited:
+            self.chan.send(P.EVT, {"op": "exited", "node": self.node, "procs": exited})
+
+    # -- telemetry --------------------------------------------------------------
+    def telemetry(self):
+        owners: dict[str, dict] = {}
+        cpu = 0.0
+        rss = 0
+        for child in self.children.values():
+            values = self.counters.read(child.slot)
+            o = owners.setdefault(child.owner, {"procs": 0, **{f: 0 for f in FIELDS}})
+            o["procs"] += 1
+            for name, v in zip(FIELDS, values):
+                o[name] += v
+            try:
+                if child.ps is None:
+                    child.ps = psutil.Process(child.pid)
+                    child.ps.cpu_percent(None)
+                with child.ps.oneshot():
+                    cpu += child.ps.cpu_percent(None)
+                    rss += child.ps.memory_info().rss
+            except psutil.Error:
+                pass
+        for owner, acc in self.retired.items():
+            o = owners.setdefault(owner, {"procs": 0, **{f: 0 for f in FIELDS}})
+            o["done"] += acc[DONE]
+        self.chan.send(P.EVT, {
+            "op": "telemetry", "node": self.node, "hostname": self.hostname,
+            "time": time.time(), "procs": len(self.children),
+            "done": sum(o["done"] for o in owners.values()),
+            "running": sum(o["running"] for o in owners.values()),
+            "cpu_percent": cpu, "rss": rss, "physical_mem": self.mem,
+            "num_cpus": len(self.cpus), "owners": owners})
+
+    # -- loop ---------------------------------------------------------------------
+    def stop_children(self):
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 1.0
+        while self.children and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.01)
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 2.0
+        while self.children and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.01)
+
+    def run(self):
+        self.chan.send(P.EVT, {"op": "register", "node": self.node,
+                               "hostname": self.hostname, "pid": self.pid,
+                               "cpus": self.cpus, "physical_mem": self.mem})
+        poller = zmq.Poller()
+        poller.register(self.chan.sock, zmq.POLLIN)
+        poller.register(self.sig_r, zmq.POLLIN)
+        if self.lifeline_fd is not None:
+            poller.register(self.lifeline_fd, zmq.POLLIN)
+        interval = self.args.telemetry_interval
+        next_tel = time.monotonic()
+        while True:
+            timeout = max(0.0, next_tel - time.monotonic())
+            events = dict(poller.poll(timeout * 1000))
+            if self.lifeline_fd is not None and self.lifeline_fd in events:
+                break
+            if self.sig_r in events:
+                try:
+                    while os.read(self.sig_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            self.reap()
+            if self.chan.sock in events:
+                while True:
+                    try:
+                        _, kind, body, _ = self.chan.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    except P.ProtocolError as e:
+                        log.warning("dropped malformed message: %s", e)
+                        continue
+                    if not isinstance(body, dict):
+                        continue
+                    op = body.get("op")
+                    if kind == P.REQ and op == "spawn":
+                        try:
+                            pids = self.spawn(body)
+                            self.chan.send(P.REP, {"rid": body["rid"], "ok": True, "pids": pids})
+                        except Exception as e:
+                            self.chan.send(P.REP, {"rid": body["rid"], "ok": False,
+                                                   "error": f"node {self.node}: {e}"})
+                    elif op == "kill":
+                        self.kill(body.get("pids", ()), body.get("sig", signal.SIGTERM))
+            if time.monotonic() >= next_tel:
+                self.telemetry()
+                next_tel = time.monotonic() + interval
+        self.stop_children()
+        self.chan.close(linger=0)
+        self.ctx.term()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="dragon_nb.runtime.agent")
+    ap.add_argument("--head", required=True)
+    ap.add_argument("--node", type=int, required=True)
+    ap.add_argument("--cpus", default="")
+    ap.add_argument("--mem", type=int, default=0)
+    ap.add_argument("--telemetry-interval", type=float, default=0.25)
+    ap.add_argument("--preload", default="")
+    ap.add_argument("--parent-pid", type=int)
+    ap.add_argument("--lifeline-fd", type=int)
+    args = ap.parse_args(argv)
+    launch.set_pdeathsig(signal.SIGKILL)
+    if args.parent_pid and os.getppid() != args.parent_pid:
+        return 1
+    logging.basicConfig(level=os.environ.get("DRAGON_NB_LOGLEVEL", "WARNING"),
+                        format=f"dragon-nb agent {args.node}: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for module in filter(None, args.preload.split(",")):
+        importlib.import_module(module)     # so forked children start warm
+    Agent(args).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

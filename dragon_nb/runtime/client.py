@@ -1,0 +1,262 @@
+"""The client's handle on a runtime: start it, ask the head things, stop it.
+
+One process (a kernel or a script) usually holds one ``Runtime``; the module
+functions ``start``/``stop``/``get_runtime`` manage that current one, and
+features call ``get_runtime()`` so the runtime starts on first use.
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import signal
+import threading
+import time
+import weakref
+
+import zmq
+
+from dragon_nb.runtime import launch
+from dragon_nb.wire import protocol as P
+
+DEFAULT_TIMEOUT = 30.0
+
+# Modules whose entry points agents may fork; features register theirs at import
+# so agents import them before forking (the runtime never imports a feature).
+ENTRY_MODULES: list[str] = []
+
+
+def register_entry_module(module: str) -> None:
+    if module not in ENTRY_MODULES:
+        ENTRY_MODULES.append(module)
+
+
+_ctx_pid = None
+_ctx = None
+
+
+def zmq_context() -> zmq.Context:
+    """This process's zmq context (a fresh one after a fork)."""
+    global _ctx, _ctx_pid
+    if _ctx is None or _ctx_pid != os.getpid():
+        _ctx, _ctx_pid = zmq.Context(), os.getpid()
+    return _ctx
+
+
+class Runtime:
+    """A running head and its agents, on virtual nodes of this host."""
+
+    def __init__(self, nodes: int = 1, workers_per_node: int | None = None, *,
+                 telemetry_interval: float = 0.25, timeout: float = DEFAULT_TIMEOUT):
+        if not isinstance(nodes, int) or nodes < 1:
+            raise ValueError(f"nodes must be a positive integer, not {nodes!r}")
+        if workers_per_node is not None and (not isinstance(workers_per_node, int)
+                                             or workers_per_node < 1):
+            raise ValueError(f"workers_per_node must be a positive integer, "
+                             f"not {workers_per_node!r}")
+        self.n_nodes = nodes
+        self.workers_per_node = workers_per_node
+        self.timeout = timeout
+        self.pid = os.getpid()
+        self.rundir = launch.make_runtime_dir()
+        self._lock = threading.Lock()
+        self._rids = itertools.count(1)
+        self._closed = False
+        try:
+            self._proc, self._lifeline = launch.start_child("dragon_nb.runtime.head", [
+                "--rundir", self.rundir, "--nodes", str(nodes),
+                "--telemetry-interval", str(telemetry_interval),
+                "--preload", ",".join(ENTRY_MODULES)])
+            self.address = f"ipc://{self.rundir}/head"
+            self._chan = P.Channel(zmq_context().socket(zmq.DEALER), P.Codec())
+            self._chan.sock.connect(self.address)
+            reply = self.request("ready", timeout=timeout)
+        except BaseException:
+            self._abort()
+            raise
+        self.events_address = reply["events"]
+        self._nodes = reply["nodes"]
+        self._finalizer = weakref.finalize(self, _finalize, self._proc, self._lifeline,
+                                           self.rundir)
+
+    # -- requests -----------------------------------------------------------------
+    def request(self, op: str, timeout: float | None = None, **body) -> dict:
+        """Send ``op`` to the head and wait for its reply; errors raise."""
+        if self._closed:
+            raise RuntimeError("the dragon-nb runtime has been stopped")
+        if os.getpid() != self.pid:
+            raise RuntimeError("a dragon-nb runtime cannot be used from a forked child")
+        timeout = self.timeout if timeout is None else timeout
+        with self._lock:
+            rid = next(self._rids)
+            self._chan.send(P.REQ, {"op": op, "rid": rid, **body})
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the runtime head did not answer {op!r} "
+                                       f"within {timeout:g} s")
+                if self._chan.sock.poll(min(left, 0.2) * 1000):
+                    _, kind, reply, _ = self._chan.recv()
+                    if kind == P.REP and reply.get("rid") == rid:
+                        break
+                elif self._proc.poll() is not None:
+                    raise RuntimeError(f"the runtime head exited "
+                                       f"(code {self._proc.returncode})")
+        if not reply.get("ok", False):
+            raise RuntimeError(reply.get("error") or f"{op} failed")
+        return reply
+
+    # -- what features use ------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._proc.poll() is None
+
+    def nodes(self, refresh: bool = False) -> list[dict]:
+        if refresh:
+            self._nodes = self.request("nodes")["nodes"]
+        return self._nodes
+
+    def cpu_count(self) -> int:
+        """Distinct cores over all hosts (virtual nodes share their host's cores)."""
+        per_host: dict[str, set] = {}
+        for n in self.nodes():
+            per_host.setdefault(n["hostname"], set()).update(n["cpus"])
+        return sum(len(c) for c in per_host.values()) or 1
+
+    def default_workers(self) -> int:
+        if self.workers_per_node:
+            return self.workers_per_node * len(self.nodes())
+        return self.cpu_count()
+
+    def spawn(self, entry: str, spec: bytes, count: int, owner: str,
+              nodes=None, timeout: float | None = None) -> list[tuple]:
+        """Start ``count`` processes running ``entry(spec, ctx)``; -> [(node, pid)]."""
+        reply = self.request("spawn", entry=entry, spec=spec, count=count, owner=owner,
+                             nodes=list(nodes) if nodes is not None else None,
+                             timeout=timeout)
+        return [tuple(p) for p in reply["procs"]]
+
+    def kill(self, procs, sig: int = signal.SIGTERM) -> None:
+        self.request("kill", procs=[tuple(p) for p in procs], sig=int(sig))
+
+    def subscribe(self, *topics: bytes, context: zmq.Context | None = None) -> zmq.Socket:
+        """A SUB socket on the head's event stream (telemetry, exits, nodes)."""
+        sock = (context or zmq_context()).socket(zmq.SUB)
+        for t in topics:
+            sock.setsockopt(zmq.SUBSCRIBE, t)
+        sock.connect(self.events_address)
+        return sock
+
+    # -- lifecycle ------------------------------------------------------------------
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._closed:
+            return
+        try:
+            if os.getpid() == self.pid and self._proc.poll() is None:
+                try:
+                    self.request("shutdown", timeout=timeout)
+                except Exception:
+                    pass
+        finally:
+            self._closed = True
+            self._abort(timeout)
+            self._finalizer.detach()
+
+    def _abort(self, timeout: float = 5.0):
+        self._closed = True
+        if getattr(self, "_chan", None) is not None and os.getpid() == self.pid:
+            self._chan.close(linger=0)
+        proc = getattr(self, "_proc", None)
+        _finalize(proc, getattr(self, "_lifeline", None), self.rundir, timeout)
+        self._lifeline = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def __repr__(self):
+        state = "running" if self.alive else "stopped"
+        return f"<dragon_nb.Runtime {state} nodes={self.n_nodes} dir={self.rundir}>"
+
+
+def _finalize(proc, lifeline, rundir, timeout: float = 5.0):
+    if lifeline is not None:
+        try:
+            os.close(lifeline)
+        except OSError:
+            pass
+    if proc is not None and proc.poll() is None:
+        try:
+            proc.wait(timeout)
+        except Exception:
+            proc.kill()
+            proc.wait(5)
+    launch.remove_runtime_dir(rundir)
+
+
+# --- the current runtime --------------------------------------------------------
+_current: Runtime | None = None
+_current_lock = threading.RLock()
+
+
+def start(nodes: int | None = None, workers_per_node: int | None = None,
+          **kwargs) -> Runtime:
+    """Start the current runtime (``nodes`` virtual nodes on this host).
+
+    Returns the Runtime, usable as a context manager that stops it.
+    """
+    global _current
+    with _current_lock:
+        if _current is not None and _current.alive:
+            raise RuntimeError(f"a dragon-nb runtime is already running: {_current!r}; "
+                               f"call dragon_nb.stop() first")
+        if nodes is None:
+            nodes = int(os.environ.get("DRAGON_NB_NODES", "1"))
+        if workers_per_node is None and os.environ.get("DRAGON_NB_WORKERS_PER_NODE"):
+            workers_per_node = int(os.environ["DRAGON_NB_WORKERS_PER_NODE"])
+        _current = Runtime(nodes, workers_per_node, **kwargs)
+        return _current
+
+
+def stop() -> None:
+    """Stop the current runtime, if any: every process and file it made goes."""
+    global _current
+    with _current_lock:
+        rt, _current = _current, None
+    if rt is not None:
+        for hook in list(_stop_hooks):
+            try:
+                hook(rt)
+            except Exception:
+                pass
+        rt.stop()
+
+
+def get_runtime(auto_start: bool = True) -> Runtime | None:
+    """The current runtime; started with defaults on first use."""
+    with _current_lock:
+        if _current is not None and _current.alive and _current.pid == os.getpid():
+            return _current
+        if not auto_start:
+            return None
+        return start()
+
+
+_stop_hooks: list = []
+
+
+def on_stop(hook) -> None:
+    """Call ``hook(runtime)`` before the current runtime stops (features close first)."""
+    _stop_hooks.append(hook)
+
+
+def _after_fork_in_child():
+    global _current
+    _current = None    # the parent's runtime is not ours to use or stop
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(stop)

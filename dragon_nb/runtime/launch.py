@@ -1,0 +1,75 @@
+"""Starting runtime processes so that none of them can outlive its parent.
+
+Two mechanisms, each where it is safe:
+
+* a *lifeline pipe*: the parent keeps the write end, the child polls the read
+  end and exits on EOF. Works whatever thread started the child, so the
+  client (a kernel full of threads) uses it to tie the head to itself, and
+  the head uses it for agents;
+* ``PR_SET_PDEATHSIG``: the kernel kills the child when the parent *thread*
+  exits. Agents fork workers from their only thread, so it is exact there.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+
+_PR_SET_PDEATHSIG = 1
+
+
+def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent exits."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def make_runtime_dir() -> str:
+    """A private (0700) directory for this runtime's ipc sockets and files."""
+    base = os.environ.get("DRAGON_NB_TMPDIR") or tempfile.gettempdir()
+    path = os.path.join(base, f"dnb-{os.getuid()}-{uuid.uuid4().hex[:10]}")
+    os.mkdir(path, 0o700)
+    return path
+
+
+def remove_runtime_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def python_command(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def start_child(module: str, args: list[str], *, lifeline: bool = True,
+                env: dict | None = None) -> tuple[subprocess.Popen, int | None]:
+    """Start ``python -m module args`` tied to this process.
+
+    Returns the Popen and the write end of its lifeline (keep it open for as
+    long as the child may live; closing it tells the child to exit).
+    """
+    fds = ()
+    wfd = None
+    if lifeline:
+        rfd, wfd = os.pipe()
+        os.set_inheritable(rfd, True)
+        fds = (rfd,)
+        args = [*args, "--lifeline-fd", str(rfd)]
+    child_env = dict(os.environ if env is None else env)
+    # the child imports dragon_nb from wherever this process did
+    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (pkg_root, child_env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.Popen(
+        python_command(module, *args), pass_fds=fds, env=child_env,
+        stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    if lifeline:
+        os.close(fds[0])
+        os.set_inheritable(wfd, False)
+    return proc, wfd

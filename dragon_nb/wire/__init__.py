@@ -1,0 +1,1 @@
+"""Serialization, transport and the message protocol (the bottom layer)."""

@@ -1,0 +1,108 @@
+"""How user objects cross process boundaries.
+
+* Work sent to workers (functions, arguments, initializers) goes with
+  cloudpickle, so functions, lambdas and classes defined in ``__main__`` or a
+  notebook cell work.
+* Results come back with plain pickle semantics, as in ``multiprocessing``
+  (an unpicklable result is a ``MaybeEncodingError``), with one exception:
+  classes that arrived by value from the caller (notebook classes) travel back
+  by value, so a worker can return instances of them.
+* Both use protocol 5: large buffers (``bytes``, NumPy arrays) become separate
+  zero-copy frames instead of being copied into the pickle.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import types
+
+import cloudpickle
+
+PROTOCOL = 5
+OOB_THRESHOLD = 1 << 16   # buffers at least this large travel as their own frame
+
+try:  # cloudpickle >= 3 keeps its by-value class registry here
+    from cloudpickle.cloudpickle import _DYNAMIC_CLASS_TRACKER_BY_CLASS as _DYNAMIC_CLASSES
+except ImportError:  # pragma: no cover - older cloudpickle
+    _DYNAMIC_CLASSES = {}
+
+
+def _oob(buffers):
+    def callback(buf: pickle.PickleBuffer):
+        if buf.raw().nbytes >= OOB_THRESHOLD:
+            buffers.append(buf)
+            return False      # out of band
+        return True           # small: keep inline
+    return callback
+
+
+def dumps_work(obj) -> tuple[bytes, list]:
+    """cloudpickle ``obj``; returns (pickle bytes, out-of-band buffers)."""
+    buffers: list = []
+    data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=_oob(buffers))
+    return data, buffers
+
+
+def dumps_inline(obj) -> bytes:
+    """cloudpickle ``obj`` into one bytes object (specs, initializers)."""
+    return cloudpickle.dumps(obj, protocol=PROTOCOL)
+
+
+class _ResultPickler(pickle.Pickler):
+    """Plain pickle, except classes that cloudpickle rebuilt from the caller."""
+
+    _cp = None
+
+    def reducer_override(self, obj):
+        if isinstance(obj, type) and obj in _DYNAMIC_CLASSES:
+            if self._cp is None:
+                self._cp = cloudpickle.Pickler(io.BytesIO(), protocol=PROTOCOL)
+            return self._cp.reducer_override(obj)
+        return NotImplemented
+
+
+def dumps_result(obj) -> tuple[bytes, list]:
+    buffers: list = []
+    f = io.BytesIO()
+    _ResultPickler(f, protocol=PROTOCOL, buffer_callback=_oob(buffers)).dump(obj)
+    return f.getvalue(), buffers
+
+
+def loads(data, buffers=()):
+    return pickle.loads(data, buffers=buffers)
+
+
+def describe_unpicklable(func) -> str | None:
+    """Name the global or closure variable that makes ``func`` unpicklable.
+
+    Returns a sentence for an error message, or None if no single culprit is
+    found. Runs only after pickling already failed, so cost does not matter.
+    """
+    if not isinstance(func, types.FunctionType):
+        return None
+    code = func.__code__
+    suspects = []
+    names = set(code.co_names)
+    for const in code.co_consts:  # names used by nested functions/comprehensions
+        if isinstance(const, types.CodeType):
+            names.update(const.co_names)
+    for name in sorted(names):
+        if name in func.__globals__:
+            suspects.append(("global", name, func.__globals__[name]))
+    if func.__closure__:
+        for name, cell in zip(code.co_freevars, func.__closure__):
+            try:
+                suspects.append(("closure variable", name, cell.cell_contents))
+            except ValueError:
+                pass
+    for what, name, value in suspects:
+        if isinstance(value, types.ModuleType):
+            continue
+        try:
+            cloudpickle.dumps(value, protocol=PROTOCOL)
+        except Exception as e:
+            return (f"{func.__qualname__!r} uses the {what} {name!r} "
+                    f"({type(value).__name__}), which cannot be pickled: {e}. "
+                    f"Create it inside the function (or in a Pool initializer) "
+                    f"instead of capturing it.")
+    return None
