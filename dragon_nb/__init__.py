@@ -6,3 +6,7 @@ from dragon_nb.pool import Pool, PoolBrokenError, WorkerLostError
 __version__ = "0.1.0"
 __all__ = ["Runtime", "start", "stop", "get_runtime", "Pool", "PoolBrokenError",
            "WorkerLostError"]
+
+from dragon_nb import mp_compat as _mp_compat
+
+_mp_compat.install()

@@ -352,6 +352,8 @@ class Dispatcher:
             self._on_results(w, body, bufs)
         elif kind == P.HELLO:
             w.connected = True
+            if self.stopping:
+                self.router.send(P.STOP, None, to=w.wid)
         elif kind == P.INIT_FAILED:
             exc = PoolBrokenError(
                 f"the pool initializer failed in worker pid {w.pid} on node {w.node}: "
@@ -455,7 +457,8 @@ class Dispatcher:
                     if not self.stopping:
                         self.stopping = True
                         for w in self.workers.values():
-                            self.router.send(P.STOP, None, to=w.wid)
+                            if w.connected:     # the others get it when they say hello
+                                self.router.send(P.STOP, None, to=w.wid)
                     if not self.workers:
                         break
                     if not self.runtime.alive:

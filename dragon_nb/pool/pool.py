@@ -57,7 +57,7 @@ def _dumps_func(func) -> tuple[str, bytes]:
     if not callable(func):
         raise TypeError(f"{func!r} is not callable")
     try:
-        blob = S.dumps_inline(func)
+        blob = S.dumps_function(func)
     except Exception as e:
         why = S.describe_unpicklable(func)
         name = getattr(func, "__qualname__", repr(func))

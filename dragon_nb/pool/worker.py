@@ -104,7 +104,7 @@ class Worker:
                 continue
             if kind == P.TASKS:
                 for fid, blob in body.get("funcs", {}).items():
-                    self.funcs[fid] = S.loads(blob)
+                    self.funcs[fid] = S.loads_function(blob)
                     if len(self.funcs) > FUNC_CACHE:
                         self.funcs.popitem(last=False)
                 pos = 0

@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import io
+import linecache
+import os
 import pickle
 import types
 
@@ -36,16 +38,68 @@ def _oob(buffers):
     return callback
 
 
+class _WorkPickler(cloudpickle.Pickler):
+    """cloudpickle, except bound methods go as ``getattr(owner, name)`` like
+    plain pickle does, so a classmethod of an importable class is sent by
+    reference (cloudpickle would copy its code)."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, types.MethodType) and not isinstance(obj.__self__, types.ModuleType):
+            return getattr, (obj.__self__, obj.__func__.__name__)
+        return super().reducer_override(obj)
+
+
+def _dump_work(obj, buffer_callback=None) -> bytes:
+    f = io.BytesIO()
+    _WorkPickler(f, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+    return f.getvalue()
+
+
 def dumps_work(obj) -> tuple[bytes, list]:
     """cloudpickle ``obj``; returns (pickle bytes, out-of-band buffers)."""
     buffers: list = []
-    data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=_oob(buffers))
+    data = _dump_work(obj, _oob(buffers))
     return data, buffers
+
+
+def dumps_function(func) -> bytes:
+    """A function plus where it came from, so remote tracebacks show its source.
+
+    cloudpickle renames the file of code it copies to "<dynamic-code>"; we send
+    the real name along, and the source lines when they exist only in this
+    process (a notebook cell), so the worker's traceback can show them.
+    """
+    code = getattr(func, "__code__", None)
+    filename = lines = None
+    if isinstance(code, types.CodeType):
+        filename = code.co_filename
+        if not os.path.exists(filename):
+            lines = linecache.getlines(filename) or None
+    return _dump_work((func, filename, lines))
+
+
+def loads_function(blob):
+    func, filename, lines = pickle.loads(blob)
+    code = getattr(func, "__code__", None)
+    if filename and isinstance(code, types.CodeType) and code.co_filename == "<dynamic-code>":
+        if lines:
+            linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+        try:
+            func.__code__ = _renamed(code, filename)
+        except (TypeError, ValueError):
+            pass
+    return func
+
+
+def _renamed(code: types.CodeType, filename: str) -> types.CodeType:
+    consts = tuple(_renamed(c, filename) if isinstance(c, types.CodeType) else c
+                   for c in code.co_consts)
+    return code.replace(co_filename=filename, co_consts=consts)
 
 
 def dumps_inline(obj) -> bytes:
     """cloudpickle ``obj`` into one bytes object (specs, initializers)."""
-    return cloudpickle.dumps(obj, protocol=PROTOCOL)
+    return _dump_work(obj)
 
 
 class _ResultPickler(pickle.Pickler):
