@@ -1,0 +1,110 @@
+"""The ``dragon-nb`` command: run a script on a fresh runtime, show the nodes, demo.
+
+    dragon-nb run script.py [--nodes N] [--workers-per-node K] [-- script args]
+    dragon-nb info [--nodes N]
+    dragon-nb demo [--nodes N] [--files F]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import runpy
+import sys
+
+
+class DragonAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes ``import dragon`` / ``dragon.x.y`` load ``dragon_nb`` / ``dragon_nb.x.y``."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "dragon" or fullname.startswith("dragon."):
+            target_name = "dragon_nb" + fullname[len("dragon"):]
+            if importlib.util.find_spec(target_name) is None:
+                return None
+            return importlib.machinery.ModuleSpec(fullname, self, origin=target_name)
+        return None
+
+    def create_module(self, spec):
+        return importlib.import_module(spec.origin)
+
+    def exec_module(self, module):
+        pass
+
+
+def install_dragon_alias(force: bool = False) -> bool:
+    """Alias ``dragon`` to dragon-nb unless the real Dragon is installed."""
+    if not force and importlib.util.find_spec("dragon") is not None:
+        return False
+    if not any(isinstance(f, DragonAlias) for f in sys.meta_path):
+        sys.meta_path.insert(0, DragonAlias())
+    return True
+
+
+def _add_runtime_args(ap):
+    ap.add_argument("--nodes", type=int, default=None,
+                    help="virtual nodes to start on this host (default 1)")
+    ap.add_argument("--workers-per-node", type=int, default=None,
+                    help="default pool workers per node (default: the node's cores)")
+
+
+def cmd_run(args) -> int:
+    import dragon_nb
+    script = args.script
+    if not os.path.exists(script):
+        print(f"dragon-nb run: no such script: {script}", file=sys.stderr)
+        return 2
+    if args.nodes is not None:
+        os.environ["DRAGON_NB_NODES"] = str(args.nodes)
+    if args.workers_per_node is not None:
+        os.environ["DRAGON_NB_WORKERS_PER_NODE"] = str(args.workers_per_node)
+    install_dragon_alias()
+    dragon_nb.start(nodes=args.nodes, workers_per_node=args.workers_per_node)
+    sys.argv = [script, *args.script_args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        dragon_nb.stop()
+    return 0
+
+
+def cmd_info(args) -> int:
+    import dragon_nb
+    from dragon_nb.machine import node_table
+    with dragon_nb.start(nodes=args.nodes or 1, workers_per_node=args.workers_per_node) as rt:
+        print(node_table(rt))
+        print(f"\n{len(rt.nodes())} node(s), {rt.cpu_count()} core(s) in all")
+    dragon_nb.stop()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from dragon_nb import demo
+    return demo.main(nodes=args.nodes or 4, files=args.files)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="dragon-nb", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a Python (or Dragon) script on a fresh runtime")
+    _add_runtime_args(run)
+    run.add_argument("script")
+    run.add_argument("script_args", nargs=argparse.REMAINDER)
+    run.set_defaults(func=cmd_run)
+    info = sub.add_parser("info", help="start a runtime and print its nodes")
+    _add_runtime_args(info)
+    info.set_defaults(func=cmd_info)
+    demo = sub.add_parser("demo", help="process generated files across virtual nodes")
+    _add_runtime_args(demo)
+    demo.add_argument("--files", type=int, default=400)
+    demo.set_defaults(func=cmd_demo)
+    args = ap.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

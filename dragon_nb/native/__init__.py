@@ -1,0 +1,1 @@
+"""Aliases that mirror Dragon's ``dragon.native`` package."""

@@ -1,0 +1,75 @@
+"""Shared fixtures: a runtime per module, and a check that nothing is left behind.
+
+Every test module ends with no descendant process of the test run still alive
+(except the stdlib's own resource tracker, which lives as long as Python)
+and no runtime directory left on disk.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+
+import dragon_nb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ours(p: psutil.Process) -> bool:
+    try:
+        cmd = " ".join(p.cmdline())
+    except psutil.Error:
+        return False
+    return "resource_tracker" not in cmd
+
+
+def leftover_processes(timeout: float = 10.0) -> list:
+    """Descendants of this process still alive after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in psutil.Process().children(recursive=True)
+                 if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and _ours(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def runtime_dirs() -> set:
+    base = os.environ.get("DRAGON_NB_TMPDIR") or tempfile.gettempdir()
+    return set(glob.glob(os.path.join(base, f"dnb-{os.getuid()}-*")))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nothing_left_behind():
+    dirs_before = runtime_dirs()
+    yield
+    dragon_nb.stop()
+    alive = leftover_processes()
+    assert not alive, f"processes outlived the runtime: {[p.cmdline() for p in alive]}"
+    left = runtime_dirs() - dirs_before
+    assert not left, f"runtime directories left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    """A two-node runtime shared by the tests of one module."""
+    dragon_nb.stop()
+    rt = dragon_nb.start(nodes=2)
+    yield rt
+    dragon_nb.stop()
+
+
+@pytest.fixture
+def env_with_pkg():
+    """Environment for subprocesses that must import this checkout's dragon_nb."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+PYTHON = sys.executable
