@@ -47,6 +47,8 @@ def _add_runtime_args(ap):
                     help="virtual nodes to start on this host (default 1)")
     ap.add_argument("--workers-per-node", type=int, default=None,
                     help="default pool workers per node (default: the node's cores)")
+    ap.add_argument("--cpus-per-node", type=int, default=None,
+                    help="cores each virtual node claims (default: its share of the host's)")
 
 
 def cmd_run(args) -> int:
@@ -59,8 +61,11 @@ def cmd_run(args) -> int:
         os.environ["DRAGON_NB_NODES"] = str(args.nodes)
     if args.workers_per_node is not None:
         os.environ["DRAGON_NB_WORKERS_PER_NODE"] = str(args.workers_per_node)
+    if args.cpus_per_node is not None:
+        os.environ["DRAGON_NB_CPUS_PER_NODE"] = str(args.cpus_per_node)
     install_dragon_alias()
-    dragon_nb.start(nodes=args.nodes, workers_per_node=args.workers_per_node)
+    dragon_nb.start(nodes=args.nodes, workers_per_node=args.workers_per_node,
+                    cpus_per_node=args.cpus_per_node)
     sys.argv = [script, *args.script_args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     try:
@@ -75,7 +80,8 @@ def cmd_run(args) -> int:
 def cmd_info(args) -> int:
     import dragon_nb
     from dragon_nb.machine import node_table
-    with dragon_nb.start(nodes=args.nodes or 1, workers_per_node=args.workers_per_node) as rt:
+    with dragon_nb.start(nodes=args.nodes or 1, workers_per_node=args.workers_per_node,
+                         cpus_per_node=args.cpus_per_node) as rt:
         print(node_table(rt))
         print(f"\n{len(rt.nodes())} node(s), {rt.cpu_count()} core(s) in all")
     dragon_nb.stop()

@@ -121,6 +121,7 @@ class Dispatcher:
         self.state = "run"            # run -> close -> (stopping) ; or terminate
         self.broken: Exception | None = None
         self.stopping = False
+        self.spawned = 0              # workers started over the pool's life
         self.finished = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"dragon-nb {self.owner}",
                                        daemon=True)
@@ -172,6 +173,7 @@ class Dispatcher:
     # -- workers ----------------------------------------------------------------
     def _spawn(self, count: int):
         procs = self.runtime.spawn(WORKER_ENTRY, self.spec, count, self.owner, nodes=self.nodes)
+        self.spawned += len(procs)
         for node, pid in procs:
             w = WorkerState(node, pid)
             self.workers[w.wid] = w

@@ -65,17 +65,18 @@ def _dumps_func(func) -> tuple[str, bytes]:
     return func_id(blob), blob
 
 
-def _dumps_chunk(items, func):
+def _dumps_chunk(items, func, offset=0):
     try:
         return S.dumps_work(items)
     except Exception as e:
         culprit = "an argument"
-        if isinstance(items, (list, tuple)):
+        if isinstance(items, list):
             for i, item in enumerate(items):
                 try:
                     S.dumps_work(item)
                 except Exception:
-                    culprit = f"the argument {reprlib.repr(item)}"
+                    culprit = (f"item {offset + i} of the input "
+                               f"({type(item).__name__}: {reprlib.repr(item)})")
                     break
         name = getattr(func, "__qualname__", repr(func))
         _pickle_failed(e, f"{culprit} for {name}()")
@@ -189,7 +190,7 @@ class Pool:
             items = list(itertools.islice(it, chunksize))
             if not items:
                 break
-            payload, bufs = _dumps_chunk(items, func)
+            payload, bufs = _dumps_chunk(items, func, n)
             chunks.append([len(chunks), payload, bufs, 0])
             n += len(items)
         result = R.MapResult(self._dispatcher.cancel, len(chunks), n, chunksize,
@@ -278,7 +279,7 @@ def _feed(dispatcher, job, it, chunksize, window, func):
             if not items:
                 dispatcher.end(job.id, idx)
                 return
-            payload, bufs = _dumps_chunk(items, func)
+            payload, bufs = _dumps_chunk(items, func, idx * chunksize)
         except BaseException as e:          # the input failed: an error at this position
             dispatcher.feed_error(job.id, idx, e)
             return

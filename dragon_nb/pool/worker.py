@@ -87,6 +87,8 @@ class Worker:
         self.in_user_code = False
         self.current_job = None
         self.signalled = False
+        self.signals = 0               # cancel signals received
+        self.cancels = 0               # CANCEL messages received
         self.maxtasks = spec.get("maxtasks")
         self.completed = 0
 
@@ -112,6 +114,7 @@ class Worker:
                     self.queue.append((job, idx, mode, fid, payload, bufs[pos:pos + nbufs]))
                     pos += nbufs
             elif kind == P.CANCEL:
+                self.cancels += 1
                 jobs = set(body["jobs"])
                 self.cancelled |= jobs
                 kept = collections.deque(t for t in self.queue if t[0] not in jobs)
@@ -120,11 +123,22 @@ class Worker:
             elif kind == P.STOP:
                 self.stopping = True
 
+    def catch_up(self) -> None:
+        """After a cancel signal, read the mailbox until its CANCEL message is in.
+
+        The pool sends the message before the signal, but the signal can
+        overtake it; wait for it, briefly."""
+        self.signalled = False
+        deadline = time.monotonic() + 0.5
+        self.drain()
+        while self.cancels < self.signals and time.monotonic() < deadline:
+            self.drain(block_ms=20)
+
     def on_signal(self, signum, frame):
+        self.signals += 1
         self.signalled = True
         if self.in_user_code:
-            self.signalled = False
-            self.drain()
+            self.catch_up()
             if self.current_job in self.cancelled:
                 raise TaskCancelled()
 
@@ -177,8 +191,7 @@ class Worker:
             self.in_user_code = True
             if self.signalled:       # a cancel arrived while we were between tasks
                 self.in_user_code = False
-                self.signalled = False
-                self.drain()
+                self.catch_up()
                 if job in self.cancelled:
                     raise TaskCancelled()
                 self.in_user_code = True
@@ -220,8 +233,7 @@ class Worker:
                 self.drain(IDLE_POLL_MS)
                 continue
             if self.signalled:
-                self.signalled = False
-                self.drain()
+                self.catch_up()
                 if not self.queue:
                     continue
             self.execute(self.queue.popleft())

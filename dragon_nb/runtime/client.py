@@ -47,13 +47,18 @@ class Runtime:
     """A running head and its agents, on virtual nodes of this host."""
 
     def __init__(self, nodes: int = 1, workers_per_node: int | None = None, *,
-                 telemetry_interval: float = 0.25, timeout: float = DEFAULT_TIMEOUT):
+                 cpus_per_node: int | None = None, telemetry_interval: float = 0.25,
+                 timeout: float = DEFAULT_TIMEOUT):
         if not isinstance(nodes, int) or nodes < 1:
             raise ValueError(f"nodes must be a positive integer, not {nodes!r}")
         if workers_per_node is not None and (not isinstance(workers_per_node, int)
                                              or workers_per_node < 1):
             raise ValueError(f"workers_per_node must be a positive integer, "
                              f"not {workers_per_node!r}")
+        if cpus_per_node is not None and (not isinstance(cpus_per_node, int)
+                                          or cpus_per_node < 1):
+            raise ValueError(f"cpus_per_node must be a positive integer, "
+                             f"not {cpus_per_node!r}")
         self.n_nodes = nodes
         self.workers_per_node = workers_per_node
         self.timeout = timeout
@@ -65,6 +70,7 @@ class Runtime:
         try:
             self._proc, self._lifeline = launch.start_child("dragon_nb.runtime.head", [
                 "--rundir", self.rundir, "--nodes", str(nodes),
+                *(["--cpus-per-node", str(cpus_per_node)] if cpus_per_node else []),
                 "--telemetry-interval", str(telemetry_interval),
                 "--preload", ",".join(ENTRY_MODULES)])
             self.address = f"ipc://{self.rundir}/head"
@@ -118,11 +124,8 @@ class Runtime:
         return self._nodes
 
     def cpu_count(self) -> int:
-        """Distinct cores over all hosts (virtual nodes share their host's cores)."""
-        per_host: dict[str, set] = {}
-        for n in self.nodes():
-            per_host.setdefault(n["hostname"], set()).update(n["cpus"])
-        return sum(len(c) for c in per_host.values()) or 1
+        """Cores on all nodes: the sum of every node's ``num_cpus``."""
+        return sum(n["num_cpus"] for n in self.nodes() if n.get("alive", True)) or 1
 
     def default_workers(self) -> int:
         if self.workers_per_node:
@@ -206,6 +209,11 @@ def start(nodes: int | None = None, workers_per_node: int | None = None,
           **kwargs) -> Runtime:
     """Start the current runtime (``nodes`` virtual nodes on this host).
 
+    ``workers_per_node``: workers a ``Pool()`` without a size puts on each node
+    (default: the node's cores). ``cpus_per_node``: cores each virtual node
+    claims (default: its share of the host's). Defaults come from the
+    environment variables DRAGON_NB_NODES, DRAGON_NB_WORKERS_PER_NODE and
+    DRAGON_NB_CPUS_PER_NODE (set by ``dragon-nb run``).
     Returns the Runtime, usable as a context manager that stops it.
     """
     global _current
@@ -217,6 +225,8 @@ def start(nodes: int | None = None, workers_per_node: int | None = None,
             nodes = int(os.environ.get("DRAGON_NB_NODES", "1"))
         if workers_per_node is None and os.environ.get("DRAGON_NB_WORKERS_PER_NODE"):
             workers_per_node = int(os.environ["DRAGON_NB_WORKERS_PER_NODE"])
+        if kwargs.get("cpus_per_node") is None and os.environ.get("DRAGON_NB_CPUS_PER_NODE"):
+            kwargs["cpus_per_node"] = int(os.environ["DRAGON_NB_CPUS_PER_NODE"])
         _current = Runtime(nodes, workers_per_node, **kwargs)
         return _current
 

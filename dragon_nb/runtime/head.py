@@ -29,15 +29,22 @@ AGENT_POLL_S = 0.1
 SHUTDOWN_GRACE_S = 2.0
 
 
-def split_host(nodes: int) -> list[dict]:
-    """Virtual nodes on this host: cores dealt out in turn, memory split evenly."""
+def split_host(nodes: int, cpus_per_node: int | None = None) -> list[dict]:
+    """Virtual nodes on this host: cores dealt out in turn, memory split evenly.
+
+    With ``cpus_per_node`` each node claims that many (possibly shared) cores,
+    to stand in for a cluster whose nodes are bigger than this host.
+    """
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
         else list(range(os.cpu_count() or 1))
     mem = psutil.virtual_memory().total
     hostname = socket.gethostname()
     out = []
     for i in range(nodes):
-        mine = cpus[i::nodes] if nodes <= len(cpus) else [cpus[i % len(cpus)]]
+        if cpus_per_node:
+            mine = [cpus[(i * cpus_per_node + j) % len(cpus)] for j in range(cpus_per_node)]
+        else:
+            mine = cpus[i::nodes] if nodes <= len(cpus) else [cpus[i % len(cpus)]]
         out.append({"id": i, "name": f"node{i}", "hostname": hostname,
                     "cpus": mine, "num_cpus": len(mine),
                     "physical_mem": mem // nodes, "virtual": nodes > 1})
@@ -68,7 +75,7 @@ class Head:
 
     # -- agents -------------------------------------------------------------
     def start_agents(self):
-        for info in split_host(self.args.nodes):
+        for info in split_host(self.args.nodes, self.args.cpus_per_node):
             proc, wfd = launch.start_child("dragon_nb.runtime.agent", [
                 "--head", self.address, "--node", str(info["id"]),
                 "--cpus", ",".join(map(str, info["cpus"])),
@@ -305,6 +312,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="dragon_nb.runtime.head")
     ap.add_argument("--rundir", required=True)
     ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--cpus-per-node", type=int, default=None)
     ap.add_argument("--telemetry-interval", type=float, default=0.25)
     ap.add_argument("--preload", default="")
     ap.add_argument("--lifeline-fd", type=int)

@@ -66,7 +66,8 @@ class Codec:
         return mac.digest()
 
     def encode(self, kind: bytes, body, buffers=()) -> list:
-        frames = [kind, pickle.dumps(body, protocol=PICKLE_PROTOCOL), *buffers]
+        frames = [kind, pickle.dumps(body, protocol=PICKLE_PROTOCOL),
+                  *(b.raw() if isinstance(b, pickle.PickleBuffer) else b for b in buffers)]
         if self.key is not None:
             frames.insert(1, self._sign(frames))
         return frames
@@ -133,6 +134,6 @@ class Channel:
 
 def _all_small(frames, threshold) -> bool:
     for f in frames:
-        if len(f) >= threshold:
+        if memoryview(f).nbytes >= threshold:
             return False
     return True

@@ -103,15 +103,13 @@ def dumps_inline(obj) -> bytes:
 
 
 class _ResultPickler(pickle.Pickler):
-    """Plain pickle, except classes that cloudpickle rebuilt from the caller."""
-
-    _cp = None
+    """Plain pickle, except classes that cloudpickle rebuilt from the caller:
+    those go whole, by value (methods included), and the caller maps them
+    back to its own class through cloudpickle's class tracker."""
 
     def reducer_override(self, obj):
         if isinstance(obj, type) and obj in _DYNAMIC_CLASSES:
-            if self._cp is None:
-                self._cp = cloudpickle.Pickler(io.BytesIO(), protocol=PROTOCOL)
-            return self._cp.reducer_override(obj)
+            return pickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
         return NotImplemented
 
 

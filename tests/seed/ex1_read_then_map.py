@@ -1,0 +1,27 @@
+import dragon_nb
+from multiprocessing import set_start_method, Pool, cpu_count
+from pathlib import Path
+
+def process_data(fdata):
+    # perform some operations on fdata and place into variable called result
+    result = len(fdata)  # seed fix: `result` was never defined
+    return result
+
+
+if __name__ == '__main__':
+    set_start_method("dragon")
+
+    dir_to_process = "."
+    data_to_process = []
+
+    num_cores = cpu_count() // 2  # all cores across all nodes, but let's not count hyperthreads
+
+    for f in Path(dir_to_process).glob('*'):  # seed fix: stray ')' after glob('*')
+        with open(str(f.resolve()), mode='r') as fo:
+            data_to_process.append(fo.read())
+
+    with Pool(num_cores) as p:
+        processed_data = p.map(process_data, data_to_process)
+
+    print(f"results={len(processed_data)} total={sum(processed_data)} "
+          f"lengths={processed_data}", flush=True)  # added for the test

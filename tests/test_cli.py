@@ -1,0 +1,199 @@
+"""The ``dragon-nb`` command, run as a user runs it (a subprocess).
+
+Each run gets its own DRAGON_NB_TMPDIR so the test can check that no runtime
+process or directory outlived the command (runtime processes start in their
+own session, so they are not children of the test run).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+PYTHON = sys.executable
+RUN_TIMEOUT = 45
+
+
+def dragon_nb_command() -> list[str]:
+    exe = Path(sys.executable).with_name("dragon-nb")
+    return [str(exe)] if exe.exists() else [PYTHON, "-m", "dragon_nb.cli"]
+
+
+@pytest.fixture
+def workdir():
+    """(a directory for scripts, runtime tmpdir); short paths, removed after."""
+    top = tempfile.mkdtemp(prefix="dnbc-")
+    work = os.path.join(top, "work")
+    rtdir = os.path.join(top, "rt")
+    os.mkdir(work)
+    os.mkdir(rtdir)
+    yield work, rtdir
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def runtime_leftovers(rtdir: str, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        procs = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if rtdir in " ".join(p.info["cmdline"] or ()) and \
+                        p.status() != psutil.STATUS_ZOMBIE:
+                    procs.append(p.info["cmdline"])
+            except psutil.Error:
+                pass
+        entries = os.listdir(rtdir)
+        if (not procs and not entries) or time.monotonic() > deadline:
+            return procs, entries
+        time.sleep(0.1)
+
+
+def dragon_nb(args, cwd, rtdir, env) -> subprocess.CompletedProcess:
+    env = dict(env, DRAGON_NB_TMPDIR=rtdir)
+    for var in ("DRAGON_NB_NODES", "DRAGON_NB_WORKERS_PER_NODE", "DRAGON_NB_CPUS_PER_NODE"):
+        env.pop(var, None)
+    cmd = [*dragon_nb_command(), *args]
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=RUN_TIMEOUT)
+    finally:
+        procs, entries = runtime_leftovers(rtdir)
+        assert not procs, f"runtime processes outlived {cmd}: {procs}"
+        assert not entries, f"runtime directories left behind by {cmd}: {entries}"
+    return proc
+
+
+def describe(proc) -> str:
+    return f"exit code {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+
+
+# -- info ------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_info_prints_a_table_of_the_nodes(workdir, env_with_pkg):
+    work, rtdir = workdir
+    proc = dragon_nb(["info", "--nodes", "3"], work, rtdir, env_with_pkg)
+    assert proc.returncode == 0, describe(proc)
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["node", "name", "host", "cpus", "memory", "state"], describe(proc)
+    table = lines[1:lines.index("")] if "" in lines else lines[1:]
+    rows = [line.split() for line in table]
+    assert [r[0] for r in rows] == ["0", "1", "2"], describe(proc)
+    assert [r[1] for r in rows] == ["node0", "node1", "node2"], describe(proc)
+    assert all(r[-1] == "up" for r in rows), describe(proc)
+    m = re.search(r"^3 node\(s\), (\d+) core\(s\) in all$", proc.stdout, re.M)
+    assert m and int(m.group(1)) >= 1, describe(proc)
+
+
+# -- run -----------------------------------------------------------------------------
+SCRIPT = textwrap.dedent("""\
+    import dragon
+    import os
+    import sys
+    from multiprocessing import set_start_method, Pool, cpu_count
+    from dragon.native.machine import System
+
+
+    def square_and_pid(x):
+        return x * x, os.getpid()
+
+
+    if __name__ == "__main__":
+        set_start_method("dragon")
+        with Pool(2) as p:
+            out = p.map(square_and_pid, range(10))
+        print("argv=" + repr(sys.argv[1:]))
+        print("squares=" + repr([sq for sq, _ in out]))
+        print("in_workers=" + repr(os.getpid() not in {pid for _, pid in out}))
+        print("nnodes=" + repr(System().nnodes))
+        print("module=" + dragon.__name__)
+    """)
+
+
+def parse(stdout: str) -> dict:
+    return dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
+
+
+def check_script_output(proc, argv, nnodes):
+    assert proc.returncode == 0, describe(proc)
+    out = parse(proc.stdout)
+    assert out.get("squares") == repr([x * x for x in range(10)]), describe(proc)
+    assert out.get("in_workers") == "True", describe(proc)
+    assert out.get("module") == "dragon_nb", describe(proc)
+    assert out.get("argv") == repr(argv), describe(proc)
+    assert out.get("nnodes") == repr(nnodes), describe(proc)
+
+
+@pytest.mark.timeout(60)
+def test_run_script_with_options_before_it(workdir, env_with_pkg):
+    work, rtdir = workdir
+    Path(work, "script.py").write_text(SCRIPT)
+    proc = dragon_nb(["run", "--nodes", "2", "script.py", "--", "arg1"], work, rtdir,
+                     env_with_pkg)
+    check_script_output(proc, ["arg1"], 2)
+
+
+@pytest.mark.timeout(60)
+def test_run_script_with_options_after_it(workdir, env_with_pkg):
+    """The documented form: ``dragon-nb run script.py [--nodes N] ... [-- script args]``."""
+    work, rtdir = workdir
+    Path(work, "script.py").write_text(SCRIPT)
+    proc = dragon_nb(["run", "script.py", "--nodes", "2", "--", "arg1"], work, rtdir,
+                     env_with_pkg)
+    check_script_output(proc, ["arg1"], 2)
+
+
+@pytest.mark.timeout(60)
+def test_run_missing_script(workdir, env_with_pkg):
+    work, rtdir = workdir
+    proc = dragon_nb(["run", "no_such_script.py", "--nodes", "2"], work, rtdir, env_with_pkg)
+    assert proc.returncode == 2, describe(proc)
+    assert "no_such_script.py" in proc.stderr, describe(proc)
+    assert "no such script" in proc.stderr.lower(), describe(proc)
+
+
+@pytest.mark.timeout(60)
+def test_run_script_that_raises(workdir, env_with_pkg):
+    work, rtdir = workdir
+    Path(work, "boom.py").write_text(textwrap.dedent("""\
+        import dragon
+        from multiprocessing import set_start_method, Pool
+
+        if __name__ == "__main__":
+            set_start_method("dragon")
+            with Pool(1) as p:
+                assert p.map(abs, [-1]) == [1]
+            raise ValueError("boom from the script")
+        """))
+    proc = dragon_nb(["run", "boom.py"], work, rtdir, env_with_pkg)
+    assert proc.returncode != 0, describe(proc)
+    assert "ValueError: boom from the script" in proc.stderr, describe(proc)
+
+
+@pytest.mark.timeout(60)
+def test_run_script_that_exits_with_a_message(workdir, env_with_pkg):
+    """``sys.exit("msg")``: exit code 1 and the message on stderr, as with python."""
+    work, rtdir = workdir
+    Path(work, "bye.py").write_text('import sys\nsys.exit("bye from the script")\n')
+    plain = subprocess.run([PYTHON, "bye.py"], cwd=work, capture_output=True, text=True,
+                           timeout=RUN_TIMEOUT)
+    assert plain.returncode == 1 and "bye from the script" in plain.stderr
+    proc = dragon_nb(["run", "bye.py"], work, rtdir, env_with_pkg)
+    assert proc.returncode == 1, describe(proc)
+    assert "bye from the script" in proc.stderr, describe(proc)
+
+
+@pytest.mark.timeout(60)
+def test_run_script_that_exits_with_a_code(workdir, env_with_pkg):
+    work, rtdir = workdir
+    Path(work, "three.py").write_text('import sys\nsys.exit(3)\n')
+    proc = dragon_nb(["run", "three.py"], work, rtdir, env_with_pkg)
+    assert proc.returncode == 3, describe(proc)

@@ -1,0 +1,291 @@
+"""Pool beyond CPython's suite: placement, Dragon's additions, bad input, faults.
+
+(The stdlib semantics themselves are checked by test_cpython_pool.py.)
+"""
+import itertools
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import dragon_nb
+from dragon_nb import Pool, PoolBrokenError, WorkerLostError
+
+from conftest import PYTHON
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def square(x):
+    return x * x
+
+
+def slow_square(x, delay=0.05):
+    time.sleep(delay)
+    return x * x
+
+
+def sleep_then_return(x):
+    time.sleep(30)
+    return x
+
+
+def where_am_i(_):
+    me = multiprocessing.current_process()
+    return me.node, os.getpid()
+
+
+def init_stash():
+    multiprocessing.current_process().stash = {"calls": 0}
+
+
+def count_calls(_):
+    stash = multiprocessing.current_process().stash
+    stash["calls"] += 1
+    return os.getpid(), stash["calls"]
+
+
+def failing_init():
+    raise RuntimeError("initializer says no")
+
+
+def kill_myself(_):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def nbytes(b):
+    return len(b)
+
+
+# --- placement and Dragon's additions ------------------------------------------------
+
+def test_workers_are_spread_over_all_nodes(runtime):
+    with Pool(4) as p:
+        assert sorted(h.node for h in p._pool) == [0, 0, 1, 1]
+        nodes = {node for node, _pid in p.map(where_am_i, range(40), chunksize=1)}
+    assert nodes == {0, 1}
+
+
+def test_workers_can_be_pinned_to_nodes(runtime):
+    with Pool(2, nodes=[1]) as p:
+        assert {node for node, _ in p.map(where_am_i, range(10))} == {1}
+
+
+def test_pinning_to_a_missing_node_is_a_clear_error(runtime):
+    with pytest.raises(RuntimeError, match="no such live node"):
+        Pool(1, nodes=[7])
+
+
+def test_chunk_size_is_an_alias_of_chunksize(runtime):
+    with Pool(2) as p:
+        assert list(p.imap(square, range(10), chunk_size=4)) == [x * x for x in range(10)]
+        assert p.map(square, range(10), chunk_size=3) == [x * x for x in range(10)]
+        with pytest.raises(TypeError, match="not both"):
+            p.map(square, range(3), chunksize=1, chunk_size=2)
+
+
+def test_current_process_stash_survives_between_tasks(runtime):
+    with Pool(2, initializer=init_stash) as p:
+        seen = p.map(count_calls, range(20), chunksize=1)
+    by_pid = {}
+    for pid, calls in seen:
+        by_pid.setdefault(pid, []).append(calls)
+    for calls in by_pid.values():      # each worker counted 1, 2, 3, ... in order
+        assert calls == list(range(1, len(calls) + 1))
+    assert sum(len(c) for c in by_pid.values()) == 20
+
+
+def test_lambdas_and_closures_work(runtime):
+    offset = 10
+    with Pool(2) as p:
+        assert p.map(lambda x: x + offset, range(5)) == [10, 11, 12, 13, 14]
+
+
+def test_large_bytes_and_numpy_arrays_round_trip(runtime):
+    np = pytest.importorskip("numpy")
+    blob = os.urandom(8 << 20)
+    arr = np.arange(2_000_000, dtype=np.float64)
+    with Pool(2) as p:
+        assert p.map(nbytes, [blob, blob[:5]]) == [8 << 20, 5]
+        out = p.apply(np.multiply, (arr, 2.0))
+    assert out.shape == arr.shape and float(out[-1]) == 2 * float(arr[-1])
+
+
+def test_imap_reads_an_endless_input_lazily(runtime):
+    pulled = itertools.count()
+
+    def endless():
+        for i in itertools.count():
+            next(pulled)
+            yield i
+
+    with Pool(2) as p:
+        it = p.imap(square, endless())
+        first = list(itertools.islice(it, 2000))
+        it.close()
+        taken = next(pulled)
+    assert first == [i * i for i in range(2000)]
+    # the feeder runs at most one window (1024 chunks) ahead of the consumer
+    assert taken <= 2000 + 1024 + 2
+
+
+def test_imap_of_one_pool_feeds_another(runtime):
+    with Pool(1) as producers, Pool(2) as consumers:
+        staged = producers.imap(square, range(500), 4)
+        out = list(consumers.imap(square, staged, 2))
+    assert out == [x ** 4 for x in range(500)]
+
+
+# --- bad input ------------------------------------------------------------------------
+
+def test_unpicklable_closure_names_the_variable(runtime):
+    lock = threading.Lock()
+
+    def uses_lock(x):
+        with lock:
+            return x
+
+    with Pool(1) as p:
+        with pytest.raises(TypeError, match="closure variable 'lock'"):
+            p.map(uses_lock, [1, 2])
+        assert p.map(square, [3]) == [9]        # nothing was sent; the pool is fine
+
+
+def test_unpicklable_argument_names_the_argument(runtime):
+    with Pool(1) as p:
+        with pytest.raises(TypeError, match=r"item 1 of the input \(lock: .*square\(\)"):
+            p.map(square, [1, threading.Lock()])
+        with pytest.raises(TypeError, match="lock"):
+            p.apply_async(square, (threading.Lock(),))
+
+
+def test_failing_initializer_is_an_error_not_a_respawn_loop(runtime):
+    p = Pool(2, initializer=failing_init)
+    try:
+        with pytest.raises(PoolBrokenError, match="initializer says no"):
+            p.map(square, range(4))
+        time.sleep(0.5)
+        assert p._dispatcher.spawned == 2       # no replacement was started
+        with pytest.raises(PoolBrokenError):
+            p.apply(square, (2,))
+    finally:
+        p.terminate()
+        p.join()
+
+
+def test_unpicklable_result_is_a_maybe_encoding_error(runtime):
+    with Pool(1) as p:
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError):
+            p.apply(threading.Lock)
+        assert p.apply(square, (4,)) == 16
+
+
+# --- faults ---------------------------------------------------------------------------
+
+def test_killed_worker_is_replaced_and_its_tasks_rerun(runtime):
+    with Pool(2) as p:
+        result = p.map_async(slow_square, range(60), chunksize=1)
+        time.sleep(0.4)
+        victim = p._pool[0].pid
+        os.kill(victim, signal.SIGKILL)
+        assert result.get(timeout=30) == [x * x for x in range(60)]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+                len(p._pool) != 2 or victim in [w.pid for w in p._pool]):
+            time.sleep(0.05)
+        assert len(p._pool) == 2 and victim not in [w.pid for w in p._pool]
+        assert p.map(square, range(5)) == [0, 1, 4, 9, 16]
+
+
+def test_a_task_that_kills_every_worker_fails_naming_worker_and_node(runtime):
+    with Pool(2) as p:
+        with pytest.raises(WorkerLostError, match=r"pool worker pid \d+ on node \d+ was killed"):
+            p.apply(kill_myself, (1,))
+        assert p.map(square, range(4)) == [0, 1, 4, 9]
+
+
+def _interrupt_main_after(delay):
+    main = threading.main_thread().ident
+    timer = threading.Timer(delay, signal.pthread_kill, (main, signal.SIGINT))
+    timer.start()
+    return timer
+
+
+@pytest.mark.parametrize("call", ["map", "imap", "apply"])
+def test_keyboard_interrupt_cancels_the_call_and_the_pool_stays_usable(runtime, call):
+    with Pool(2) as p:
+        _interrupt_main_after(0.5)
+        with pytest.raises(KeyboardInterrupt):
+            if call == "map":
+                p.map(sleep_then_return, range(8), chunksize=1)
+            elif call == "imap":
+                list(p.imap(sleep_then_return, range(8)))
+            else:
+                p.apply(sleep_then_return, (1,))
+        # were the running tasks not interrupted, both workers would sleep 30 s more
+        assert p.map_async(square, range(6)).get(timeout=10) == [0, 1, 4, 9, 16, 25]
+
+
+def test_pool_of_a_stopped_runtime_fails_instead_of_hanging():
+    rt = dragon_nb.Runtime(nodes=1)     # a runtime of its own, not the current one
+    try:
+        p = Pool(1, runtime=rt)
+        assert p.apply(square, (3,)) == 9
+        pending = p.map_async(sleep_then_return, range(2))
+    finally:
+        rt.stop()
+    with pytest.raises(PoolBrokenError):
+        pending.get(timeout=10)
+    with pytest.raises((PoolBrokenError, ValueError)):
+        p.apply(square, (2,))
+    p.terminate()
+    p.join()
+
+
+# --- code defined in __main__ (a script, as a notebook cell would be) -------------------
+
+MAIN_SCRIPT = textwrap.dedent('''
+    import dragon_nb
+    from dragon_nb import Pool
+
+    SCALE = 3
+
+    class Point:
+        def __init__(self, x):
+            self.x = x
+
+    def scaled(p):
+        return Point(p.x * SCALE)
+
+    def broken(x):
+        return 1 / x  # the line users look for
+
+    if __name__ == "__main__":
+        with dragon_nb.start(nodes=2), Pool(2) as p:
+            pts = p.map(scaled, [Point(i) for i in range(5)])
+            assert [q.x for q in pts] == [0, 3, 6, 9, 12]
+            assert isinstance(pts[0], Point)
+            assert p.map(lambda x: x + SCALE, [1]) == [4]
+            try:
+                p.apply(broken, (0,))
+            except ZeroDivisionError as e:
+                print("CAUSE", e.__cause__.tb)
+        print("OK")
+''')
+
+
+def test_functions_and_classes_defined_in_main(tmp_path, env_with_pkg):
+    script = tmp_path / "main_defs.py"
+    script.write_text(MAIN_SCRIPT)
+    out = subprocess.run([PYTHON, str(script)], capture_output=True, text=True,
+                         timeout=60, env=env_with_pkg, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "OK" in out.stdout
+    # the remote traceback shows the user's own source line
+    assert "return 1 / x  # the line users look for" in out.stdout
