@@ -7,8 +7,9 @@
   (an unpicklable result is a ``MaybeEncodingError``), with one exception:
   classes that arrived by value from the caller (notebook classes) travel back
   by value, so a worker can return instances of them.
-* Both use protocol 5: large buffers (``bytes``, NumPy arrays) become separate
-  zero-copy frames instead of being copied into the pickle.
+* Both use protocol 5: large buffers (NumPy arrays, ``bytearray``) become
+  separate zero-copy frames instead of being copied into the pickle. (Plain
+  ``bytes`` cannot be intercepted by a pickler: they are copied once.)
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class _WorkPickler(cloudpickle.Pickler):
     def reducer_override(self, obj):
         if isinstance(obj, types.MethodType) and not isinstance(obj.__self__, types.ModuleType):
             return getattr, (obj.__self__, obj.__func__.__name__)
+        if type(obj) is bytearray and len(obj) >= OOB_THRESHOLD:
+            return bytearray, (pickle.PickleBuffer(obj),)
         return super().reducer_override(obj)
 
 
@@ -110,6 +113,8 @@ class _ResultPickler(pickle.Pickler):
     def reducer_override(self, obj):
         if isinstance(obj, type) and obj in _DYNAMIC_CLASSES:
             return pickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
+        if type(obj) is bytearray and len(obj) >= OOB_THRESHOLD:
+            return bytearray, (pickle.PickleBuffer(obj),)
         return NotImplemented
 
 

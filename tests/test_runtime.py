@@ -1,0 +1,145 @@
+"""The node runtime: lifecycle, private files, telemetry, and no leftovers."""
+import os
+import signal
+import stat
+import subprocess
+import textwrap
+import time
+
+import psutil
+import pytest
+
+import dragon_nb
+from dragon_nb.runtime import get_runtime
+from dragon_nb.telemetry import TelemetryMonitor
+from dragon_nb.wire import protocol as P
+
+from conftest import PYTHON, leftover_processes
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_start_stop_as_a_context_manager_leaves_nothing():
+    with dragon_nb.start(nodes=3) as rt:
+        assert rt.alive
+        mode = stat.S_IMODE(os.stat(rt.rundir).st_mode)
+        assert mode == 0o700                     # private runtime directory
+        assert [n["id"] for n in rt.nodes()] == [0, 1, 2]
+        head = psutil.Process(rt._proc.pid)
+        family = [head, *head.children(recursive=True)]
+        assert len(family) == 1 + 3              # the head and one agent per node
+    assert not rt.alive
+    assert not os.path.exists(rt.rundir)
+    for p in family:
+        assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    dragon_nb.stop()
+
+
+def test_a_second_start_says_one_is_running():
+    with dragon_nb.start(nodes=1):
+        with pytest.raises(RuntimeError, match="already running"):
+            dragon_nb.start(nodes=1)
+    dragon_nb.stop()
+
+
+def test_bad_node_counts_are_refused():
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="nodes"):
+            dragon_nb.Runtime(nodes=bad)
+
+
+def test_started_on_first_use():
+    dragon_nb.stop()
+    assert get_runtime(auto_start=False) is None
+    with dragon_nb.Pool(1) as p:
+        assert p.apply(abs, (-3,)) == 3
+    assert get_runtime(auto_start=False) is not None
+    dragon_nb.stop()
+    assert get_runtime(auto_start=False) is None
+
+
+def test_virtual_nodes_share_the_host():
+    with dragon_nb.start(nodes=2) as rt:
+        nodes = rt.nodes()
+        total_mem = psutil.virtual_memory().total
+        assert all(n["physical_mem"] == total_mem // 2 for n in nodes)
+        host_cpus = len(os.sched_getaffinity(0))
+        # the host's cores are dealt out; a node gets at least one
+        assert rt.cpu_count() == sum(n["num_cpus"] for n in nodes) == max(host_cpus, 2)
+    with dragon_nb.start(nodes=2, cpus_per_node=3) as rt:
+        assert [n["num_cpus"] for n in rt.nodes()] == [3, 3]
+        assert rt.cpu_count() == 6
+    dragon_nb.stop()
+
+
+def busy(n):
+    s = 0
+    for i in range(n):
+        s += i * i
+    return s
+
+
+def test_agents_publish_per_node_telemetry_with_pool_progress():
+    with dragon_nb.start(nodes=2) as rt, TelemetryMonitor(rt) as mon:
+        assert mon.wait_for_nodes(2)
+        with dragon_nb.Pool(2) as p:
+            p.map(busy, [200_000] * 40, chunksize=1)
+            deadline = time.monotonic() + 5
+            done = 0
+            while time.monotonic() < deadline and done < 40:
+                snap = mon.snapshot()
+                done = sum(r["owners"].get(p.owner, {}).get("done", 0) for r in snap.values())
+                time.sleep(0.1)
+        assert done == 40
+        rec = mon.snapshot()[0]
+        for key in ("procs", "done", "running", "cpu_percent", "rss", "physical_mem"):
+            assert key in rec
+    dragon_nb.stop()
+
+
+def test_malformed_messages_to_the_head_are_dropped():
+    import zmq
+    with dragon_nb.start(nodes=1) as rt:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.connect(rt.address)
+        sock.send_multipart([P.REQ, b"\x80\x05not a pickle"])
+        sock.send_multipart([b"garbage"])
+        sock.close(linger=500)
+        assert [n["id"] for n in rt.nodes(refresh=True)] == [0]   # still answering
+    dragon_nb.stop()
+
+
+CALLER = textwrap.dedent('''
+    import sys, time
+    import dragon_nb
+    rt = dragon_nb.start(nodes=2)
+    p = dragon_nb.Pool(2)
+    p.map(abs, range(10))
+    print(rt.rundir, flush=True)
+    time.sleep(60)
+''')
+
+
+def test_a_caller_killed_with_sigkill_leaves_no_process_and_no_file(tmp_path, env_with_pkg):
+    script = tmp_path / "caller.py"
+    script.write_text(CALLER)
+    caller = subprocess.Popen([PYTHON, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=env_with_pkg)
+    try:
+        rundir = caller.stdout.readline().strip()
+        assert os.path.isdir(rundir)
+        family = psutil.Process(caller.pid).children(recursive=True)
+        assert len(family) >= 1 + 2 + 2          # head, agents, workers
+        os.kill(caller.pid, signal.SIGKILL)
+        caller.wait(10)
+        gone, alive = psutil.wait_procs(family, timeout=10)
+        assert not alive, [p.cmdline() for p in alive]
+        deadline = time.monotonic() + 10
+        while os.path.exists(rundir) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(rundir)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+    assert not leftover_processes(timeout=1)

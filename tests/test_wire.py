@@ -1,0 +1,44 @@
+"""The wire protocol: framing, signing, and refusing what does not check out."""
+import pytest
+
+from dragon_nb.wire import protocol as P
+from dragon_nb.wire import serialization as S
+
+
+def test_round_trip_with_buffers():
+    codec = P.Codec()
+    frames = codec.encode(P.REQ, {"op": "x", "rid": 1}, [b"payload"])
+    kind, body, bufs = codec.decode(frames)
+    assert kind == P.REQ and body == {"op": "x", "rid": 1} and bytes(bufs[0]) == b"payload"
+
+
+def test_signed_frames_verify_and_tampering_is_refused():
+    codec = P.Codec(key=b"k" * 32)
+    frames = codec.encode(P.EVT, {"op": "telemetry"}, [b"abc"])
+    assert codec.decode(frames)[1] == {"op": "telemetry"}
+    tampered = list(frames)
+    tampered[-1] = b"abd"
+    with pytest.raises(P.ProtocolError, match="signature"):
+        codec.decode(tampered)
+    with pytest.raises(P.ProtocolError):
+        P.Codec(key=b"other" * 8).decode(frames)
+
+
+def test_an_undecodable_body_is_a_protocol_error_not_a_crash():
+    with pytest.raises(P.ProtocolError):
+        P.Codec().decode([P.REQ, b"\x80\x05garbage"])
+    with pytest.raises(P.ProtocolError):
+        P.Codec().decode([P.REQ])
+
+
+def test_large_buffers_travel_out_of_band():
+    data, bufs = S.dumps_work(bytearray(1 << 20))
+    assert len(bufs) == 1 and len(data) < 1000
+    assert S.loads(data, bufs) == bytearray(1 << 20)
+
+
+def test_describe_unpicklable_names_the_global():
+    import threading
+    g = {"LOCK": threading.Lock()}
+    exec("def f(x):\n    with LOCK:\n        return x", g)
+    assert "global 'LOCK'" in S.describe_unpicklable(g["f"])
