@@ -7,9 +7,10 @@
   (an unpicklable result is a ``MaybeEncodingError``), with one exception:
   classes that arrived by value from the caller (notebook classes) travel back
   by value, so a worker can return instances of them.
-* Both use protocol 5: large buffers (NumPy arrays, ``bytearray``) become
-  separate zero-copy frames instead of being copied into the pickle. (Plain
-  ``bytes`` cannot be intercepted by a pickler: they are copied once.)
+* Both use protocol 5: large out-of-band buffers (NumPy arrays and anything
+  else that pickles through ``PickleBuffer``) become separate zero-copy
+  frames. Plain ``bytes``/``bytearray`` are saved by the pickler's fast path,
+  which no override can intercept: they are copied once into the pickle.
 """
 from __future__ import annotations
 
@@ -47,8 +48,6 @@ class _WorkPickler(cloudpickle.Pickler):
     def reducer_override(self, obj):
         if isinstance(obj, types.MethodType) and not isinstance(obj.__self__, types.ModuleType):
             return getattr, (obj.__self__, obj.__func__.__name__)
-        if type(obj) is bytearray and len(obj) >= OOB_THRESHOLD:
-            return bytearray, (pickle.PickleBuffer(obj),)
         return super().reducer_override(obj)
 
 
@@ -113,8 +112,6 @@ class _ResultPickler(pickle.Pickler):
     def reducer_override(self, obj):
         if isinstance(obj, type) and obj in _DYNAMIC_CLASSES:
             return pickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
-        if type(obj) is bytearray and len(obj) >= OOB_THRESHOLD:
-            return bytearray, (pickle.PickleBuffer(obj),)
         return NotImplemented
 
 
