@@ -1,6 +1,10 @@
 """The ``dragon-nb`` command: run a script on a fresh runtime, show the nodes, demo.
 
     dragon-nb run script.py [--nodes N] [--workers-per-node K] [-- script args]
+
+``run`` options may come before or after the script; the script's own
+arguments follow ``--`` (without ``--``, arguments dragon-nb does not know
+go to the script).
     dragon-nb info [--nodes N]
     dragon-nb demo [--nodes N] [--files F]
 """
@@ -71,7 +75,10 @@ def cmd_run(args) -> int:
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)       # as the interpreter does for sys.exit("msg")
+        return 1
     finally:
         dragon_nb.stop()
     return 0
@@ -99,7 +106,6 @@ def main(argv=None) -> int:
     run = sub.add_parser("run", help="run a Python (or Dragon) script on a fresh runtime")
     _add_runtime_args(run)
     run.add_argument("script")
-    run.add_argument("script_args", nargs=argparse.REMAINDER)
     run.set_defaults(func=cmd_run)
     info = sub.add_parser("info", help="start a runtime and print its nodes")
     _add_runtime_args(info)
@@ -108,7 +114,16 @@ def main(argv=None) -> int:
     _add_runtime_args(demo)
     demo.add_argument("--files", type=int, default=400)
     demo.set_defaults(func=cmd_demo)
-    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:
+        ours, theirs = argv, []
+        if "--" in argv:
+            cut = argv.index("--")
+            ours, theirs = argv[:cut], argv[cut + 1:]
+        args, unknown = ap.parse_known_args(ours)
+        args.script_args = unknown + theirs
+    else:
+        args = ap.parse_args(argv)
     return args.func(args)
 
 

@@ -20,6 +20,24 @@ import dragon_nb
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+    """Each test session keeps its runtime directories in a folder of its own,
+    so leftovers are ours to find (and another session's are not)."""
+    if "DRAGON_NB_TMPDIR" not in os.environ:
+        os.environ["DRAGON_NB_TMPDIR"] = tempfile.mkdtemp(prefix="dnb-tests-")
+        config._dnb_tmpdir = os.environ["DRAGON_NB_TMPDIR"]
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_dnb_tmpdir", None)
+    if folder:
+        os.environ.pop("DRAGON_NB_TMPDIR", None)
+        try:
+            os.rmdir(folder)          # empty unless something was left behind
+        except OSError:
+            pass
+
+
 def _ours(p: psutil.Process) -> bool:
     try:
         cmd = " ".join(p.cmdline())
