@@ -289,3 +289,19 @@ def test_functions_and_classes_defined_in_main(tmp_path, env_with_pkg):
     assert "OK" in out.stdout
     # the remote traceback shows the user's own source line
     assert "return 1 / x  # the line users look for" in out.stdout
+
+
+def test_a_function_whose_module_workers_cannot_import_fails_clearly(tmp_path, runtime):
+    # a module importable here (its folder is on sys.path) but gone once workers look
+    (tmp_path / "vanishing_mod.py").write_text("def f(x):\n    return x\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import vanishing_mod
+        with Pool(1) as p:
+            (tmp_path / "vanishing_mod.py").unlink()
+            with pytest.raises(ModuleNotFoundError, match="vanishing_mod"):
+                p.apply(vanishing_mod.f, (1,))
+            assert p.apply(square, (5,)) == 25
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("vanishing_mod", None)

@@ -125,7 +125,15 @@ class Dispatcher:
         self.finished = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"dragon-nb {self.owner}",
                                        daemon=True)
-        self._spawn(processes)        # pids known before the constructor returns
+        try:
+            self._spawn(processes)    # pids known before the constructor returns
+        except BaseException:
+            self.router.close(linger=0)
+            self.sub.close(linger=0)
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            self.finished.set()
+            raise
         self.thread.start()
 
     # -- called from user threads ----------------------------------------------

@@ -37,6 +37,17 @@ class TaskCancelled(BaseException):
     """Raised inside a running task whose job was cancelled by the caller."""
 
 
+class _Unloadable:
+    """Stands in for a function that could not be unpickled here (say, its
+    module is not importable on this node): running it raises that error."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def __call__(self, *args, **kwargs):
+        raise self.exc
+
+
 class WorkerProcess(mpproc.BaseProcess):
     """What ``current_process()`` returns in a worker: one object for its life,
     so attributes such as ``stash`` set by an initializer persist between tasks."""
@@ -106,7 +117,10 @@ class Worker:
                 continue
             if kind == P.TASKS:
                 for fid, blob in body.get("funcs", {}).items():
-                    self.funcs[fid] = S.loads_function(blob)
+                    try:
+                        self.funcs[fid] = S.loads_function(blob)
+                    except Exception as e:
+                        self.funcs[fid] = _Unloadable(e)
                     if len(self.funcs) > FUNC_CACHE:
                         self.funcs.popitem(last=False)
                 pos = 0
