@@ -38,3 +38,26 @@ def test_bad_node_count_is_a_usage_message(ip, capsys):
     assert "UsageError" in capsys.readouterr().out
     assert dragon_nb.get_runtime(auto_start=False) is None
     ip.run_line_magic("unload_ext", "dragon_nb")
+
+
+def test_functions_and_classes_defined_in_cells_run_on_workers(ip):
+    ip.run_cell("import dragon_nb\n"
+                "class Box:\n"
+                "    def __init__(self, v):\n"
+                "        self.v = v\n"
+                "def boxed(x):\n"
+                "    return Box(x * 2)\n"
+                "def fails(x):\n"
+                "    raise ValueError('cell line shown')  # marker\n")
+    ip.run_cell("with dragon_nb.Pool(2) as p:\n"
+                "    out = [b.v for b in p.map(boxed, range(4))]\n"
+                "    isbox = isinstance(p.apply(boxed, (1,)), Box)\n"
+                "    try:\n"
+                "        p.apply(fails, (1,))\n"
+                "    except ValueError as e:\n"
+                "        tb = e.__cause__.tb\n")
+    assert ip.user_ns["out"] == [0, 2, 4, 6]
+    assert ip.user_ns["isbox"] is True
+    # the remote traceback shows the cell's own source line
+    assert "raise ValueError('cell line shown')  # marker" in ip.user_ns["tb"]
+    dragon_nb.stop()
