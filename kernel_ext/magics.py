@@ -1,15 +1,29 @@
-"""``%dragon``: start, stop and inspect the runtime behind the kernel."""
+"""``%dragon``: the runtime behind the kernel, Pool maps, live views.
+
+    %dragon start [--nodes N] [--workers-per-node K] [--cpus-per-node C]
+    %dragon stop | restart | status | nodes
+    %dragon progress on|off
+    %dragon map FUNC ITERABLE [--chunksize N] [--processes P] [-o NAME] [--no-progress]
+"""
 from __future__ import annotations
+
 
 import dragon_nb
 from dragon_nb.machine import node_table
+from dragon_nb.pool import progress as PG
 from dragon_nb.runtime import get_runtime
 
 try:
+    from IPython.core.error import UsageError
     from IPython.core.magic import Magics, line_magic, magics_class
     from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 except ImportError as e:  # pragma: no cover - only without IPython
     raise ImportError("kernel_ext needs IPython: pip install ipython") from e
+
+
+def in_kernel(shell) -> bool:
+    """True under a Jupyter kernel, where widgets can be shown."""
+    return getattr(shell, "kernel", None) is not None
 
 
 @magics_class
@@ -17,58 +31,139 @@ class DragonMagics(Magics):
     started_here = False
 
     @magic_arguments()
-    @argument("action", choices=["start", "stop", "restart", "status", "nodes"],
-              help="what to do with the runtime")
+    @argument("action", choices=["start", "stop", "restart", "status", "nodes", "progress", "map"],
+              help="what to do")
+    @argument("rest", nargs="*", help="for progress: on|off; for map: FUNC ITERABLE")
     @argument("--nodes", type=int, default=None, help="virtual nodes to start (default 1)")
     @argument("--workers-per-node", type=int, default=None,
               help="default Pool workers per node (default: the node's cores)")
+    @argument("--cpus-per-node", type=int, default=None,
+              help="cores each virtual node claims (default: its share of the host's)")
+    @argument("--chunksize", type=int, default=None, help="map: items per task")
+    @argument("--processes", type=int, default=None, help="map: pool size (default: all cores)")
+    @argument("-o", "--output", default=None, help="map: name to bind the result list to")
+    @argument("--no-progress", action="store_true", help="map: no progress widget")
     @line_magic
     def dragon(self, line):
         """Control the dragon-nb runtime behind this kernel.
 
-        %dragon start [--nodes N] [--workers-per-node K]
-        %dragon stop | restart | status | nodes
+        %dragon start [--nodes N] [--workers-per-node K] [--cpus-per-node C]
+            start a runtime of N virtual nodes (says so if one is running)
+        %dragon stop | restart
+        %dragon status      the live per-node dashboard
+        %dragon nodes       the System/Node table
+        %dragon progress on|off
+            show (or not) a live progress widget for every Pool map
+        %dragon map FUNC ITERABLE [--chunksize N] [--processes P] [-o NAME] [--no-progress]
+            map FUNC (a name in the notebook) over ITERABLE (a name or an expression)
+            on a pool, with live progress; the list is bound to NAME (default: _dragon_map)
         """
-        args = parse_argstring(self.dragon, line)
-        if args.nodes is not None and args.nodes < 1:
-            print(f"UsageError: --nodes must be at least 1, not {args.nodes}")
+        try:
+            args = parse_argstring(self.dragon, line)
+        except UsageError as e:
+            print(f"UsageError: {e}")
             return None
-        if args.action == "start":
-            rt = get_runtime(auto_start=False)
-            if rt is not None:
-                print(f"a runtime is already running: {rt!r}")
-                print(node_table(rt))
-                return rt
-            rt = dragon_nb.start(nodes=args.nodes, workers_per_node=args.workers_per_node)
-            DragonMagics.started_here = True
-            print(f"dragon-nb runtime started: {len(rt.nodes())} node(s), "
-                  f"{rt.cpu_count()} core(s)")
+        for opt in ("nodes", "workers_per_node", "cpus_per_node", "processes", "chunksize"):
+            value = getattr(args, opt)
+            if value is not None and value < 1:
+                print(f"UsageError: --{opt.replace('_', '-')} must be at least 1, not {value}")
+                return None
+        return getattr(self, f"_{args.action}")(args)
+
+    # -- runtime -----------------------------------------------------------------
+    def _start(self, args):
+        rt = get_runtime(auto_start=False)
+        if rt is not None:
+            print(f"a runtime is already running: {rt!r}")
+            print(node_table(rt))
             return None
-        if args.action == "stop":
-            dragon_nb.stop()
-            print("dragon-nb runtime stopped")
-            return None
-        if args.action == "restart":
-            old = get_runtime(auto_start=False)
-            nodes = args.nodes or (old.n_nodes if old else None)
-            dragon_nb.stop()
-            rt = dragon_nb.start(nodes=nodes, workers_per_node=args.workers_per_node)
-            print(f"dragon-nb runtime restarted: {len(rt.nodes())} node(s)")
-            return None
+        rt = dragon_nb.start(nodes=args.nodes, workers_per_node=args.workers_per_node,
+                             cpus_per_node=args.cpus_per_node)
+        DragonMagics.started_here = True
+        print(f"dragon-nb runtime started: {len(rt.nodes())} node(s), {rt.cpu_count()} core(s)")
+        return None
+
+    def _stop(self, args):
+        dragon_nb.stop()
+        print("dragon-nb runtime stopped")
+
+    def _restart(self, args):
+        old = get_runtime(auto_start=False)
+        nodes = args.nodes or (old.n_nodes if old else None)
+        dragon_nb.stop()
+        rt = dragon_nb.start(nodes=nodes, workers_per_node=args.workers_per_node,
+                             cpus_per_node=args.cpus_per_node)
+        DragonMagics.started_here = True
+        print(f"dragon-nb runtime restarted: {len(rt.nodes())} node(s)")
+
+    def _running(self):
         rt = get_runtime(auto_start=False)
         if rt is None:
             print("no dragon-nb runtime is running (start one with %dragon start)")
+        return rt
+
+    def _status(self, args):
+        rt = self._running()
+        if rt is None:
             return None
-        print(repr(rt) if args.action == "status" else "")
-        print(node_table(rt))
+        if in_kernel(self.shell):
+            from dragon_nb.widgets.live import Dashboard
+            Dashboard(rt).start()
+        else:
+            print(repr(rt))
+            print(node_table(rt))
         return None
+
+    def _nodes(self, args):
+        rt = self._running()
+        if rt is not None:
+            print(node_table(rt))
+
+    def _progress(self, args):
+        if args.rest not in (["on"], ["off"]):
+            print("UsageError: %dragon progress on|off")
+            return None
+        PG.enabled = args.rest == ["on"]
+        print(f"progress widgets {'on' if PG.enabled else 'off'}")
+
+    # -- pool ----------------------------------------------------------------------
+    def _map(self, args):
+        if len(args.rest) < 2:
+            print("UsageError: %dragon map FUNC ITERABLE [--chunksize N] [-o NAME]")
+            return None
+        fname, expr = args.rest[0], " ".join(args.rest[1:])
+        ns = self.shell.user_ns
+        if fname not in ns:
+            print(f"NameError: name {fname!r} is not defined in the notebook")
+            return None
+        try:
+            iterable = eval(expr, ns)
+        except NameError as e:
+            print(f"NameError: {e}")
+            return None
+        with dragon_nb.Pool(args.processes) as pool:
+            result = pool.map(ns[fname], iterable, args.chunksize,
+                              progress=False if args.no_progress else None)
+        ns[args.output or "_dragon_map"] = result
+        print(f"{len(result)} results in {args.output or '_dragon_map'}")
+        return None
+
+
+def _widget_observer(pool, progress):
+    from dragon_nb.widgets.live import show_call
+    show_call(pool, progress)
 
 
 def load_ipython_extension(ipython):
     ipython.register_magics(DragonMagics)
+    if in_kernel(ipython):
+        PG.add_observer(_widget_observer)
 
 
 def unload_ipython_extension(ipython):
+    PG.remove_observer(_widget_observer)
     if DragonMagics.started_here:
         dragon_nb.stop()
         DragonMagics.started_here = False
+
+

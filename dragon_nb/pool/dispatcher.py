@@ -25,6 +25,7 @@ import uuid
 
 import zmq
 
+from dragon_nb.pool.worker import APPLY
 from dragon_nb.runtime.client import zmq_context
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
@@ -69,11 +70,11 @@ class WorkerHandle:
 
 class Job:
     __slots__ = ("id", "mode", "fid", "func_blob", "result", "pending", "total",
-                 "received", "cancelled", "name")
+                 "received", "cancelled", "name", "progress")
 
-    def __init__(self, jid, mode, fid, func_blob, result, name):
+    def __init__(self, jid, mode, fid, func_blob, result, name, progress=None):
         self.id, self.mode, self.fid, self.func_blob = jid, mode, fid, func_blob
-        self.result, self.name = result, name
+        self.result, self.name, self.progress = result, name, progress
         self.pending: collections.deque = collections.deque()  # [idx, payload, bufs, attempts]
         self.total = None
         self.received = 0
@@ -260,13 +261,18 @@ class Dispatcher:
             self.runtime.kill(remote, sig)
 
     # -- jobs -------------------------------------------------------------------------
-    def _finish(self, job: Job, fail: Exception | None = None):
+    def _finish(self, job: Job, fail: Exception | None = None, cancelled: bool = False):
         """Forget a job; with ``fail``, its result raises that."""
         job.cancelled = True
         self.jobs.pop(job.id, None)
         job.pending.clear()
         if fail is not None:
             job.result._fail(fail)
+        if job.progress is not None:
+            err = fail
+            if err is None and getattr(job.result, "_success", True) is False:
+                err = job.result._value
+            job.progress.finish(err, cancelled)
 
     def _break(self, exc: Exception):
         if self.broken is None:
@@ -279,7 +285,7 @@ class Dispatcher:
         job = self.jobs.get(job_id)
         if job is None:
             return
-        self._finish(job)
+        self._finish(job, cancelled=True)
         hit = []
         for w in self.workers.values():
             mine = [k for k in w.outstanding if k[0] == job_id]
@@ -350,6 +356,8 @@ class Dispatcher:
             except Exception as e:
                 ok, value = False, e
             job.received += 1
+            if job.progress is not None:
+                job.progress.add(w.node, len(value) if ok and job.mode != APPLY else 1)
             if job.result._set(idx, ok, value) or (job.total is not None and
                                                    job.received >= job.total):
                 self._finish(job)

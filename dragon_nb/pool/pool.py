@@ -16,6 +16,7 @@ import warnings
 import weakref
 from multiprocessing.pool import CLOSE, INIT, RUN, TERMINATE
 
+from dragon_nb.pool import progress as PG
 from dragon_nb.pool import results as R
 from dragon_nb.pool.dispatcher import Dispatcher, Job
 from dragon_nb.pool.worker import APPLY, MAP, STARMAP, func_id
@@ -150,27 +151,40 @@ class Pool:
         return result
 
     # -- map ---------------------------------------------------------------------------
-    def map(self, func, iterable, chunksize=_UNSET, *, chunk_size=_UNSET):
-        return self._map_async(func, iterable, MAP,
-                               _chunksize(chunksize, chunk_size, None)).get()
+    def map(self, func, iterable, chunksize=_UNSET, *, chunk_size=_UNSET, progress=None):
+        result = self._map_async(func, iterable, MAP,
+                                 _chunksize(chunksize, chunk_size, None), progress=progress)
+        try:
+            return result.get()
+        finally:
+            result._progress.close_views()
 
-    def starmap(self, func, iterable, chunksize=_UNSET, *, chunk_size=_UNSET):
-        return self._map_async(func, iterable, STARMAP,
-                               _chunksize(chunksize, chunk_size, None)).get()
+    def starmap(self, func, iterable, chunksize=_UNSET, *, chunk_size=_UNSET, progress=None):
+        result = self._map_async(func, iterable, STARMAP,
+                                 _chunksize(chunksize, chunk_size, None), progress=progress)
+        try:
+            return result.get()
+        finally:
+            result._progress.close_views()
 
     def map_async(self, func, iterable, chunksize=_UNSET, callback=None,
-                  error_callback=None, *, chunk_size=_UNSET):
+                  error_callback=None, *, chunk_size=_UNSET, progress=None):
         return self._map_async(func, iterable, MAP, _chunksize(chunksize, chunk_size, None),
-                               callback, error_callback)
+                               callback, error_callback, progress)
 
     def starmap_async(self, func, iterable, chunksize=_UNSET, callback=None,
-                      error_callback=None, *, chunk_size=_UNSET):
+                      error_callback=None, *, chunk_size=_UNSET, progress=None):
         return self._map_async(func, iterable, STARMAP,
                                _chunksize(chunksize, chunk_size, None),
-                               callback, error_callback)
+                               callback, error_callback, progress)
+
+    def _call_progress(self, name, total, show):
+        prog = PG.CallProgress(name, total, self.owner, sorted({h.node for h in self._pool}))
+        PG.notify_start(self, prog, show)
+        return prog
 
     def _map_async(self, func, iterable, mode, chunksize=None, callback=None,
-                   error_callback=None):
+                   error_callback=None, progress=None):
         self._check_running()
         fid, blob = _dumps_func(func)
         if not hasattr(iterable, "__len__"):
@@ -196,21 +210,27 @@ class Pool:
         result = R.MapResult(self._dispatcher.cancel, len(chunks), n, chunksize,
                              callback, error_callback)
         verb = "map" if mode == MAP else "starmap"
-        job = Job(result._job, mode, fid, blob, result, f"{verb}({_name(func)})")
+        name = f"{verb}({_name(func)})"
+        job = Job(result._job, mode, fid, blob, result, name,
+                  self._call_progress(name, n, progress))
+        result._progress = job.progress
         if chunks:
             self._dispatcher.submit(job, chunks)
+        else:
+            job.progress.finish()
         return result
 
     # -- imap ----------------------------------------------------------------------------
-    def imap(self, func, iterable, chunksize=_UNSET, *, chunk_size=_UNSET):
+    def imap(self, func, iterable, chunksize=_UNSET, *, chunk_size=_UNSET, progress=None):
         return self._imap(func, iterable, _chunksize(chunksize, chunk_size, 1),
-                          R.IMapIterator)
+                          R.IMapIterator, progress)
 
-    def imap_unordered(self, func, iterable, chunksize=_UNSET, *, chunk_size=_UNSET):
+    def imap_unordered(self, func, iterable, chunksize=_UNSET, *, chunk_size=_UNSET,
+                       progress=None):
         return self._imap(func, iterable, _chunksize(chunksize, chunk_size, 1),
-                          R.IMapUnorderedIterator)
+                          R.IMapUnorderedIterator, progress)
 
-    def _imap(self, func, iterable, chunksize, cls):
+    def _imap(self, func, iterable, chunksize, cls, progress=None):
         self._check_running()
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
@@ -219,7 +239,11 @@ class Pool:
         window = R.Window(IMAP_WINDOW_CHUNKS, IMAP_WINDOW_BYTES)
         result = cls(self._dispatcher.cancel, window)
         verb = "imap" if cls is R.IMapIterator else "imap_unordered"
-        job = Job(result._job, MAP, fid, blob, result, f"{verb}({_name(func)})")
+        name = f"{verb}({_name(func)})"
+        total = len(iterable) if hasattr(iterable, "__len__") else None
+        job = Job(result._job, MAP, fid, blob, result, name,
+                  self._call_progress(name, total, progress))
+        result._progress = job.progress
         self._dispatcher.submit(job, None)
         threading.Thread(target=_feed, args=(self._dispatcher, job, it, chunksize, window, func),
                          name=f"dragon-nb feeder {job.name}", daemon=True).start()
@@ -271,12 +295,14 @@ def _name(func) -> str:
 
 def _feed(dispatcher, job, it, chunksize, window, func):
     """Pull the input lazily, at most a window ahead of what the caller consumed."""
-    idx = 0
+    idx = n_items = 0
     result = job.result
     while True:
         try:
             items = list(itertools.islice(it, chunksize))
             if not items:
+                if job.progress is not None and job.progress.total is None:
+                    job.progress.total = n_items
                 dispatcher.end(job.id, idx)
                 return
             payload, bufs = _dumps_chunk(items, func, idx * chunksize)
@@ -289,6 +315,7 @@ def _feed(dispatcher, job, it, chunksize, window, func):
         result._note_size(idx, nbytes)
         dispatcher.feed(job.id, [idx, payload, bufs, 0])
         idx += 1
+        n_items += len(items)
 
 
 def _terminate_all(runtime):

@@ -210,6 +210,9 @@ class IMapIterator:
         self._done = True
         if self._window is not None:
             self._window.close()
+        progress = getattr(self, "_progress", None)
+        if progress is not None:        # the caller has seen the end: settle the views
+            progress.close_views()
 
     def __del__(self):
         try:

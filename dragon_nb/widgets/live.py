@@ -1,0 +1,169 @@
+"""Live ipywidgets: the per-node dashboard and the progress of one Pool call.
+
+Both redraw from a background thread a few times a second while the cell
+is still running (ipywidgets sends state changes from any thread), fed by the
+runtime's telemetry and by the call's own progress record. When a call
+ends, its widget is replaced by a static HTML table of the final state, so
+the saved notebook keeps it.
+"""
+from __future__ import annotations
+
+import threading
+
+import ipywidgets as W
+from IPython.display import HTML, display
+
+from dragon_nb.telemetry import TelemetryMonitor
+from dragon_nb.widgets.view import RateMeter, fmt_bytes, node_rows, rows_html
+
+REFRESH_S = 0.25
+
+
+class _NodeLine:
+    """One node's row of widgets."""
+
+    def __init__(self, node: int):
+        self.label = W.HTML(f"<b>node {node}</b>", layout=W.Layout(width="90px"))
+        self.tasks = W.IntProgress(min=0, max=1, value=0, description="tasks",
+                                   layout=W.Layout(width="260px"))
+        self.cpu = W.FloatProgress(min=0, max=1, value=0, description="cpu",
+                                   bar_style="info", layout=W.Layout(width="200px"))
+        self.mem = W.FloatProgress(min=0, max=1, value=0, description="mem",
+                                   bar_style="warning", layout=W.Layout(width="200px"))
+        self.text = W.HTML("", layout=W.Layout(width="420px"))
+        self.box = W.HBox([self.label, self.tasks, self.cpu, self.mem, self.text])
+
+    def show(self, row, tasks_max: int):
+        self.label.value = f"<b>node {row.node}</b> <small>{row.host}</small>"
+        self.tasks.max = max(1, tasks_max)
+        self.tasks.value = min(row.done, self.tasks.max)
+        self.cpu.value = row.cpu_fraction
+        self.mem.value = min(1.0, row.mem_fraction)
+        self.text.value = (f"{row.done} done · {row.running} running · {row.queued} queued · "
+                           f"{row.rate:.0f}/s · cpu {row.cpu_percent:.0f}% · "
+                           f"{fmt_bytes(row.rss)} / {fmt_bytes(row.physical_mem)}"
+                           + (f" · DDict {fmt_bytes(row.ddict_bytes)}" if row.ddict_bytes else ""))
+
+
+class _LiveView:
+    """Shared machinery: a monitor, node lines, a refresh thread."""
+
+    def __init__(self, runtime, title: str):
+        self.runtime = runtime
+        self.monitor = TelemetryMonitor(runtime)
+        self.title = W.HTML(f"<b>{title}</b>")
+        self.lines: dict[int, _NodeLine] = {}
+        self.rows_box = W.VBox([])
+        self.widget = W.VBox([self.title, self.rows_box])
+        self.rates = RateMeter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name="dragon-nb widget")
+
+    def _line(self, node):
+        if node not in self.lines:
+            self.lines[node] = _NodeLine(node)
+            self.rows_box.children = [self.lines[n].box for n in sorted(self.lines)]
+        return self.lines[node]
+
+    def _loop(self):
+        while not self._stop.wait(REFRESH_S):
+            try:
+                self.refresh()
+            except Exception:          # a view must never take the kernel down
+                pass
+            if self.done():
+                break
+        self.finish()
+
+    def close(self, timeout: float = 2.0):
+        """Stop refreshing and wait for the final state to be drawn."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def start(self):
+        self.handle = display(self.widget, display_id=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+
+    def done(self) -> bool:
+        return not self.runtime.alive
+
+    def finish(self):
+        self.monitor.close()
+
+
+class CallWidget(_LiveView):
+    """Progress of one map-family Pool call, per node."""
+
+    def __init__(self, pool, progress):
+        super().__init__(pool._runtime, progress.name)
+        self.pool = pool
+        self.progress = progress
+        self.total = W.IntProgress(min=0, max=max(1, progress.total or 1), value=0,
+                                   description="total", bar_style="info")
+        self.widget.children = [self.title, self.total, self.rows_box]
+
+    def rows(self):
+        rows = node_rows(self.monitor.snapshot(), owner=self.pool.owner,
+                         call_by_node=dict(self.progress.by_node), nodes=self.progress.nodes)
+        self.rates.update(rows)
+        return rows
+
+    def header(self) -> str:
+        p = self.progress
+        total = p.total if p.total is not None else "?"
+        state = ("cancelled" if p.cancelled else f"failed: {p.error!r}" if p.error else
+                 "done" if p.finished else "running")
+        return (f"{p.name}: {p.done}/{total} items · {p.rate:.0f}/s · "
+                f"{p.elapsed:.1f} s · {state}")
+
+    def refresh(self):
+        p = self.progress
+        rows = self.rows()
+        total = p.total or max(p.done, 1)
+        self.total.max = max(1, total)
+        self.total.value = min(p.done, self.total.max)
+        self.title.value = f"<b>{self.header()}</b>"
+        for row in rows:
+            self._line(row.node).show(row, total)
+
+    def done(self) -> bool:
+        return self.progress.finished or not self.runtime.alive
+
+    def close(self, timeout: float = 2.0):
+        self.progress.wait(0.5)        # a cancel is being processed: show its outcome
+        super().close(timeout)
+
+    def finish(self):
+        try:
+            self.refresh()
+            self.handle.update(HTML(rows_html(self.header(), self.rows())))
+            self.widget.close()
+        finally:
+            super().finish()
+
+
+class Dashboard(_LiveView):
+    """Every node of the runtime: workers, tasks, rate, CPU, memory, DDict bytes."""
+
+    def __init__(self, runtime):
+        super().__init__(runtime, "dragon-nb runtime")
+
+    def refresh(self):
+        rows = node_rows(self.monitor.snapshot(), nodes=[n["id"] for n in self.runtime.nodes()])
+        self.rates.update(rows)
+        busiest = max((r.done for r in rows), default=1)
+        self.title.value = (f"<b>dragon-nb runtime</b>: {len(rows)} node(s), "
+                            f"{self.runtime.cpu_count()} core(s)")
+        for row in rows:
+            self._line(row.node).show(row, busiest)
+
+
+def show_call(pool, progress):
+    """Progress observer: a live widget under the cell that made the call."""
+    progress.views.append(CallWidget(pool, progress).start())

@@ -1,0 +1,126 @@
+"""dragon-nb inside a real ipykernel, driven through jupyter_client as a notebook would.
+
+Checks what a user sees: the progress widget updates while the cell is still
+running and leaves its final state as HTML; the interrupt button cancels the
+work and the pool stays usable; killing or restarting the kernel leaves no
+runtime process and no file.
+"""
+import os
+import queue
+import signal
+import time
+
+import psutil
+import pytest
+
+jupyter_client = pytest.importorskip("jupyter_client")
+pytest.importorskip("ipywidgets")
+pytest.importorskip("ipykernel")
+from jupyter_client.manager import start_new_kernel  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+SETUP = """
+%load_ext dragon_nb
+%dragon start --nodes 2
+import time, dragon_nb
+def slow(x):
+    time.sleep(0.05)
+    return x * x
+def forever(x):
+    time.sleep(60)
+    return x
+pool = dragon_nb.Pool(2)
+"""
+
+
+@pytest.fixture
+def kernel(env_with_pkg, tmp_path):
+    km, kc = start_new_kernel(kernel_name="python3", env=env_with_pkg, cwd=str(tmp_path))
+    try:
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        if km.is_alive():
+            km.shutdown_kernel(now=True)
+
+
+def execute(kc, code, timeout=60):
+    """Run ``code``; return (reply content, iopub messages with their arrival times)."""
+    msg_id = kc.execute(code)
+    msgs = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            msg = kc.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        msgs.append((time.monotonic(), msg))
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    else:
+        raise AssertionError(f"cell did not finish in {timeout} s: {code!r}")
+    reply = kc.get_shell_msg(timeout=timeout)
+    return reply["content"], msgs
+
+
+def kernel_family(km) -> list:
+    kernel = psutil.Process(km.provisioner.process.pid)
+    return [kernel, *kernel.children(recursive=True)]
+
+
+def test_progress_widget_updates_while_the_cell_runs(kernel):
+    km, kc = kernel
+    reply, _ = execute(kc, SETUP)
+    assert reply["status"] == "ok", reply
+    reply, msgs = execute(kc, "r = pool.map(slow, range(60), chunksize=1)\nlen(r)")
+    assert reply["status"] == "ok", reply
+    # task-count bars: widget updates carrying a "value", seen before the cell ended
+    values = [m["content"]["data"]["state"]["value"] for _, m in msgs
+              if m["msg_type"] == "comm_msg"
+              and m["content"]["data"].get("method") == "update"
+              and "value" in m["content"]["data"].get("state", {})]
+    assert len(set(values)) >= 3, values
+    # the final state stays in the notebook as a static table
+    finals = [m for _, m in msgs if m["msg_type"] == "update_display_data"]
+    assert finals and "map(slow): 60/60 items" in finals[-1]["content"]["data"]["text/html"]
+
+
+def test_interrupt_cancels_the_work_and_the_pool_stays_usable(kernel):
+    km, kc = kernel
+    assert execute(kc, SETUP)[0]["status"] == "ok"
+    msg_id = kc.execute("pool.map(forever, range(4), chunksize=1)")
+    time.sleep(2)
+    km.interrupt_kernel()
+    reply = kc.get_shell_msg(timeout=30)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    # had the running tasks not been interrupted, both workers would sleep another minute
+    reply, _ = execute(kc, "assert pool.map_async(slow, range(6)).get(timeout=10) == "
+                           "[0, 1, 4, 9, 16, 25]", timeout=30)
+    assert reply["status"] == "ok", reply
+
+
+def test_killing_the_kernel_leaves_no_runtime_behind(kernel):
+    km, kc = kernel
+    assert execute(kc, SETUP)[0]["status"] == "ok"
+    reply, msgs = execute(kc, "print(dragon_nb.get_runtime().rundir)")
+    rundir = next(m["content"]["text"].strip() for _, m in msgs if m["msg_type"] == "stream")
+    family = kernel_family(km)
+    assert len(family) >= 1 + 1 + 2 + 2          # kernel, head, agents, workers
+    os.kill(family[0].pid, signal.SIGKILL)
+    gone, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+    assert not os.path.exists(rundir)
+
+
+def test_restarting_the_kernel_stops_its_runtime(kernel):
+    km, kc = kernel
+    assert execute(kc, SETUP)[0]["status"] == "ok"
+    family = kernel_family(km)[1:]                  # the runtime's processes
+    km.restart_kernel(now=False)
+    gone, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
