@@ -124,3 +124,18 @@ def test_restarting_the_kernel_stops_its_runtime(kernel):
     km.restart_kernel(now=False)
     gone, alive = psutil.wait_procs(family, timeout=10)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_worker_prints_appear_under_the_cell_that_made_the_call(kernel):
+    km, kc = kernel
+    assert execute(kc, SETUP)[0]["status"] == "ok"
+    code = ("def chatty(x):\n"
+            "    print('working on', x)\n"
+            "    return x\n"
+            "pool.map(chatty, range(4), chunksize=1)")
+    reply, msgs = execute(kc, code)
+    assert reply["status"] == "ok", reply
+    text = "".join(m["content"]["text"] for _, m in msgs if m["msg_type"] == "stream")
+    for x in range(4):
+        assert f"working on {x}\n" in text
+    assert "[node" in text and "pid" in text      # prefixed with node and worker

@@ -5,6 +5,7 @@
 import itertools
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -305,3 +306,34 @@ def test_a_function_whose_module_workers_cannot_import_fails_clearly(tmp_path, r
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("vanishing_mod", None)
+
+
+def shout(x):
+    print("item", x)
+    print("warning", x, file=sys.stderr)
+    return x
+
+
+def test_worker_output_reaches_the_caller_prefixed_with_node_and_pid(runtime, capsys):
+    with Pool(2) as p:
+        p.map(shout, range(3))
+        time.sleep(0.2)
+    out, err = capsys.readouterr()
+    for x in range(3):
+        assert re.search(rf"^\[node\d pid\d+\] item {x}$", out, re.M), out
+        assert re.search(rf"^\[node\d pid\d+\] warning {x}$", err, re.M), err
+
+
+def flood(_):
+    for i in range(200_000):
+        print("spam", i)
+    return "done"
+
+
+def test_an_output_flood_is_rate_limited_and_says_so(runtime, capsys):
+    with Pool(1) as p:
+        assert p.apply(flood, (0,)) == "done"
+        time.sleep(0.3)
+    out, err = capsys.readouterr()
+    assert out.count("\n") < 200_000
+    assert "characters of output dropped" in err

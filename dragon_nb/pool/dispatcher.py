@@ -15,10 +15,12 @@ queue a command and poke a pipe.
 from __future__ import annotations
 
 import collections
+import contextvars
 import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -40,6 +42,20 @@ LIVENESS_S = 0.5
 EXIT_GRACE_S = 0.2            # results sent just before an exit may still be in flight
 MAX_ATTEMPTS = 2              # a chunk runs at most twice (once more after a lost worker)
 WORKER_ENTRY = "dragon_nb.pool.worker:main"
+
+
+def _emit(context, stream: str, text: str) -> None:
+    def write():
+        target = sys.stdout if stream == "stdout" else sys.stderr
+        target.write(text)
+        target.flush()
+    try:
+        if context is not None:
+            context.run(write)
+        else:
+            write()
+    except Exception:
+        log.debug("could not write worker output", exc_info=True)
 
 
 class WorkerLostError(RuntimeError):
@@ -70,11 +86,15 @@ class WorkerHandle:
 
 class Job:
     __slots__ = ("id", "mode", "fid", "func_blob", "result", "pending", "total",
-                 "received", "cancelled", "name", "progress")
+                 "received", "cancelled", "name", "progress", "context")
 
     def __init__(self, jid, mode, fid, func_blob, result, name, progress=None):
         self.id, self.mode, self.fid, self.func_blob = jid, mode, fid, func_blob
         self.result, self.name, self.progress = result, name, progress
+        # the caller's context: worker output is written inside it, so a notebook
+        # shows it under the cell that made the call (ipykernel keeps the cell's
+        # parent header in a context variable)
+        self.context = contextvars.copy_context()
         self.pending: collections.deque = collections.deque()  # [idx, payload, bufs, attempts]
         self.total = None
         self.received = 0
@@ -117,6 +137,8 @@ class Dispatcher:
         self.workers: dict[bytes, WorkerState] = {}
         self.handles: list[WorkerHandle] = []
         self.jobs: dict[int, Job] = {}
+        self.contexts: collections.OrderedDict = collections.OrderedDict()  # job -> context
+        self.line_start: dict = {}      # (wid, stream) -> next text starts a line
         self.ready: collections.deque = collections.deque()
         self.chunk_time = None
         self.state = "run"            # run -> close -> (stopping) ; or terminate
@@ -368,6 +390,8 @@ class Dispatcher:
             return
         if kind == P.RESULTS:
             self._on_results(w, body, bufs)
+        elif kind == P.OUTPUT:
+            self._on_output(w, body)
         elif kind == P.HELLO:
             w.connected = True
             if self.stopping:
@@ -378,6 +402,23 @@ class Dispatcher:
                 f"{body.get('summary')}\n\nRemote traceback:\n{body.get('error')}")
             self._break(exc)
 
+    def _on_output(self, w: WorkerState, body):
+        """Worker prints, each line prefixed with where it came from."""
+        prefix = f"[node{w.node} pid{w.pid}] "
+        for job, stream, text in body.get("lines", ()):
+            key = (w.wid, stream)
+            out = []
+            for piece in text.splitlines(keepends=True):
+                if self.line_start.get(key, True):
+                    out.append(prefix)
+                out.append(piece)
+                self.line_start[key] = piece.endswith("\n")
+            ctx = self.contexts.get(job)
+            _emit(ctx, stream, "".join(out))
+        if body.get("dropped"):
+            _emit(None, "stderr", f"{prefix}... {body['dropped']} characters of output dropped "
+                                  f"(more than the worker's print budget)\n")
+
     def _on_command(self, cmd):
         op = cmd[0]
         if op == "submit":
@@ -386,6 +427,9 @@ class Dispatcher:
                 job.result._fail(self.broken)
                 return
             self.jobs[job.id] = job
+            self.contexts[job.id] = job.context
+            while len(self.contexts) > 256:
+                self.contexts.popitem(last=False)
             if chunks is not None:
                 job.pending.extend(chunks)
                 job.total = len(chunks)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
+import threading
 import multiprocessing.pool as mpp
 import multiprocessing.process as mpproc
 import os
@@ -31,6 +33,9 @@ FLUSH_EVERY_S = 0.005
 FLUSH_BYTES = 1 << 20
 FUNC_CACHE = 256
 IDLE_POLL_MS = 1000
+OUTPUT_FLUSH_S = 0.2           # a print shows up in the caller within about this
+OUTPUT_FLUSH_BYTES = 8192
+OUTPUT_RATE = 64 * 1024        # bytes per second a worker may print; the rest is dropped
 
 
 class TaskCancelled(BaseException):
@@ -63,6 +68,27 @@ class WorkerProcess(mpproc.BaseProcess):
         self._config = {"authkey": mpproc.AuthenticationString(os.urandom(32)),
                         "semprefix": "/mp"}
         self.node = node
+
+
+class ForwardedStream(io.TextIOBase):
+    """``sys.stdout``/``sys.stderr`` of a worker: text goes to the caller, tagged
+    with the job that printed it, so it shows under the cell that did the work."""
+
+    def __init__(self, worker: "Worker", name: str):
+        self.worker = worker
+        self.name = name
+
+    def writable(self):
+        return True
+
+    def isatty(self):
+        return False
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self.worker.output(self.name, text)
+        return len(text)
 
 
 def _run_chunk(func, mode, payload):
@@ -102,6 +128,14 @@ class Worker:
         self.cancels = 0               # CANCEL messages received
         self.maxtasks = spec.get("maxtasks")
         self.completed = 0
+        self.last_job = None
+        self.printed: list = []          # (job, stream, text) waiting to be sent
+        self.printed_bytes = 0
+        self.dropped = 0
+        self.budget = float(OUTPUT_RATE)
+        self.budget_at = time.monotonic()
+        self.last_output = time.monotonic()
+        self.main_thread = threading.main_thread()
 
     # -- mailbox ---------------------------------------------------------------
     def drain(self, block_ms: int = 0) -> None:
@@ -156,6 +190,38 @@ class Worker:
             if self.current_job in self.cancelled:
                 raise TaskCancelled()
 
+    # -- output -------------------------------------------------------------------
+    def output(self, stream: str, text: str) -> None:
+        now = time.monotonic()
+        self.budget = min(OUTPUT_RATE, self.budget + (now - self.budget_at) * OUTPUT_RATE)
+        self.budget_at = now
+        if len(text) > self.budget:       # a flood: keep the page responsive, count the rest
+            self.dropped += len(text)
+            return
+        self.budget -= len(text)
+        self.printed.append((self.current_job if self.current_job is not None else
+                             self.last_job, stream, text))
+        self.printed_bytes += len(text)
+        # only the main thread touches the socket; other threads' prints wait for it
+        if threading.current_thread() is self.main_thread and not self.sending and (
+                self.printed_bytes >= OUTPUT_FLUSH_BYTES
+                or (now - self.last_output >= OUTPUT_FLUSH_S and text.endswith("\n"))):
+            self.flush_output()
+
+    sending = False
+
+    def flush_output(self) -> None:
+        if not self.printed and not self.dropped:
+            return
+        lines, self.printed, self.printed_bytes = self.printed, [], 0
+        dropped, self.dropped = self.dropped, 0
+        self.sending = True
+        try:
+            self.chan.send(P.OUTPUT, {"lines": lines, "dropped": dropped})
+        finally:
+            self.sending = False
+        self.last_output = time.monotonic()
+
     # -- results ------------------------------------------------------------------
     def add_result(self, job, idx, ok, value, dt):
         try:
@@ -168,6 +234,7 @@ class Worker:
         self.out_bytes += len(data) + sum(b.raw().nbytes for b in bufs)
 
     def flush(self):
+        self.flush_output()
         if self.out:
             self.chan.send(P.RESULTS, {"results": self.out}, buffers=self.out_bufs)
             self.out, self.out_bufs, self.out_bytes = [], [], 0
@@ -222,6 +289,7 @@ class Worker:
             self.in_user_code = False
             ok, value = False, mpp.ExceptionWithTraceback(e, e.__traceback__)
         dt = time.perf_counter() - t0
+        self.last_job = job
         self.current_job = None
         n = len(args) if mode != APPLY and ok else 1
         self.counters.add(DONE, n)
@@ -278,10 +346,16 @@ def main(spec_bytes: bytes, ctx) -> int:
     mpproc._current_process = WorkerProcess(name, (ctx.node, ctx.index + 1), ctx.node)
     worker = Worker(spec, ctx)
     signal.signal(signal.SIGUSR1, worker.on_signal)
+    sys.stdout = ForwardedStream(worker, "stdout")
+    sys.stderr = ForwardedStream(worker, "stderr")
     try:
         return worker.run()
     finally:
-        worker.close()
+        try:
+            worker.flush()
+        finally:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+            worker.close()
 
 
 def func_id(blob: bytes) -> str:

@@ -40,6 +40,7 @@ RESULTS = b"rs"       # worker -> pool: {"results": [...], "busy": float} + buff
 CANCEL = b"cx"        # pool -> worker: {"jobs": [job, ...]}
 INIT_FAILED = b"if"   # worker -> pool: {"error": str}
 STOP = b"st"          # pool -> worker: finish queued work and exit
+OUTPUT = b"io"        # worker -> pool: {"lines": [(job, stream, text)], "dropped": int}
 
 # --- pub/sub topics (head PUB) ----------------------------------------------
 TOPIC_TELEMETRY = b"tel."      # + node id; body: per-node figures
