@@ -25,6 +25,16 @@ from dragon_nb import mp_compat as _mp_compat
 _mp_compat.install()
 
 
+def _text_progress_if_wanted():
+    from dragon_nb.widgets import text
+    if text.wanted():
+        from dragon_nb.pool import progress
+        progress.add_observer(text.show_call)
+
+
+_text_progress_if_wanted()
+
+
 def load_ipython_extension(ipython):
     """``%load_ext dragon_nb``: the same as ``%load_ext kernel_ext``."""
     from kernel_ext import load_ipython_extension as load

@@ -63,7 +63,8 @@ def main(nodes: int = 4, files: int = 400) -> int:
             total = collections.Counter()
             with dragon_nb.Pool(nodes) as pool:
                 with TextProgress(pool):
-                    for counts in pool.imap(count_words, FileReader(folder), chunksize=4):
+                    for counts in pool.imap(count_words, FileReader(folder), chunksize=4,
+                                           progress=False):   # the per-node bars above
                         total.update(counts)
                 elapsed = time.perf_counter() - t_start
                 with TelemetryMonitor(rt) as mon:

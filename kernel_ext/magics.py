@@ -157,6 +157,8 @@ def _widget_observer(pool, progress):
 def load_ipython_extension(ipython):
     ipython.register_magics(DragonMagics)
     if in_kernel(ipython):
+        from dragon_nb.widgets import text
+        PG.remove_observer(text.show_call)      # widgets replace the terminal bars
         PG.add_observer(_widget_observer)
 
 

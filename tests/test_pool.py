@@ -337,3 +337,36 @@ def test_an_output_flood_is_rate_limited_and_says_so(runtime, capsys):
     out, err = capsys.readouterr()
     assert out.count("\n") < 200_000
     assert "characters of output dropped" in err
+
+
+def test_map_calls_report_progress_per_node_to_observers(runtime):
+    from dragon_nb.pool import progress as PG
+    seen = []
+    def observer(pool, prog):
+        seen.append(prog)
+    PG.add_observer(observer)
+    try:
+        with Pool(2) as p:
+            p.map(square, range(50), chunksize=1)
+            list(p.imap(square, iter(range(30)), 3))
+            p.map(square, range(5), progress=False)    # opted out
+            p.apply(square, (1,))                      # apply shows no progress
+    finally:
+        PG.remove_observer(observer)
+    assert [s.name for s in seen] == ["map(square)", "imap(square)"]
+    mapped, imapped = seen
+    assert mapped.total == 50 and mapped.done == 50 and sum(mapped.by_node.values()) == 50
+    assert set(mapped.by_node) <= {0, 1} and mapped.finished and mapped.error is None
+    assert imapped.total == 30 and imapped.done == 30
+
+
+def test_text_progress_bars_in_a_terminal(tmp_path, env_with_pkg):
+    script = tmp_path / "bars.py"
+    script.write_text("import dragon_nb\n"
+                      "with dragon_nb.start(nodes=2), dragon_nb.Pool(2) as p:\n"
+                      "    p.map(abs, range(300), chunksize=1)\n")
+    env = dict(env_with_pkg, DRAGON_NB_PROGRESS="text")
+    out = subprocess.run([PYTHON, str(script)], capture_output=True, text=True, timeout=60,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    assert "map(abs)" in out.stderr and "300/300" in out.stderr
