@@ -370,3 +370,26 @@ def test_text_progress_bars_in_a_terminal(tmp_path, env_with_pkg):
                          env=env)
     assert out.returncode == 0, out.stderr
     assert "map(abs)" in out.stderr and "300/300" in out.stderr
+
+
+def fail_on_seven(x):
+    if x == 7:
+        raise ValueError("seven is bad")
+    return x
+
+
+def test_a_task_error_names_the_function_and_the_input_item(runtime):
+    with Pool(2) as p:
+        with pytest.raises(ValueError, match="seven is bad") as info:
+            list(p.imap(fail_on_seven, iter(range(20)), 4))
+        if sys.version_info >= (3, 11):
+            assert "dragon-nb: raised by fail_on_seven() on input item 7" in info.value.__notes__
+        # a chained imap: the failing item is the fourth one the second stage saw
+        with pytest.raises(ValueError) as info:
+            list(p.imap(fail_on_seven, p.imap(abs, [0, 1, 2, 7, 3])))
+        if sys.version_info >= (3, 11):
+            assert "dragon-nb: raised by fail_on_seven() on input item 3" in info.value.__notes__
+        with pytest.raises(ValueError) as info:
+            p.map(fail_on_seven, range(20), chunksize=3)
+        if sys.version_info >= (3, 11):
+            assert "dragon-nb: raised by fail_on_seven() on input item 7" in info.value.__notes__

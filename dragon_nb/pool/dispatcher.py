@@ -95,7 +95,8 @@ class Job:
         # shows it under the cell that made the call (ipykernel keeps the cell's
         # parent header in a context variable)
         self.context = contextvars.copy_context()
-        self.pending: collections.deque = collections.deque()  # [idx, payload, bufs, attempts]
+        # chunks: [idx, payload, bufs, attempts, first item's position in the input]
+        self.pending: collections.deque = collections.deque()
         self.total = None
         self.received = 0
         self.cancelled = False
@@ -343,11 +344,11 @@ class Dispatcher:
                     self.ready.popleft()
                     continue
                 chunk = job.pending.popleft()
-                idx, payload, pbufs, _attempts = chunk
+                idx, payload, pbufs, _attempts, start = chunk
                 if job.fid not in w.funcs:
                     funcs[job.fid] = job.func_blob
                     w.funcs.add(job.fid)
-                tasks.append((job.id, idx, job.mode, job.fid, payload, len(pbufs)))
+                tasks.append((job.id, idx, job.mode, job.fid, payload, len(pbufs), start))
                 bufs.extend(pbufs)
                 w.outstanding[(job.id, idx)] = (job, chunk)
                 w.sent += 1

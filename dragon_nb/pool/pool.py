@@ -147,7 +147,7 @@ class Pool:
         payload, bufs = _dumps_chunk((tuple(args), dict(kwds)), func)
         result = R.ApplyResult(self._dispatcher.cancel, callback, error_callback)
         job = Job(result._job, APPLY, fid, blob, result, f"apply({_name(func)})")
-        self._dispatcher.submit(job, [[0, payload, bufs, 0]])
+        self._dispatcher.submit(job, [[0, payload, bufs, 0, 0]])
         return result
 
     # -- map ---------------------------------------------------------------------------
@@ -205,7 +205,7 @@ class Pool:
             if not items:
                 break
             payload, bufs = _dumps_chunk(items, func, n)
-            chunks.append([len(chunks), payload, bufs, 0])
+            chunks.append([len(chunks), payload, bufs, 0, n])
             n += len(items)
         result = R.MapResult(self._dispatcher.cancel, len(chunks), n, chunksize,
                              callback, error_callback)
@@ -313,7 +313,7 @@ def _feed(dispatcher, job, it, chunksize, window, func):
         if not window.acquire(nbytes):
             return                          # cancelled or failed
         result._note_size(idx, nbytes)
-        dispatcher.feed(job.id, [idx, payload, bufs, 0])
+        dispatcher.feed(job.id, [idx, payload, bufs, 0, n_items])
         idx += 1
         n_items += len(items)
 

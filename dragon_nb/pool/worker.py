@@ -91,13 +91,20 @@ class ForwardedStream(io.TextIOBase):
         return len(text)
 
 
-def _run_chunk(func, mode, payload):
-    if mode == MAP:
-        return list(map(func, payload))
-    if mode == STARMAP:
-        return [func(*args) for args in payload]
-    args, kwargs = payload
-    return func(*args, **kwargs)
+def _run_chunk(func, mode, payload, start):
+    if mode == APPLY:
+        args, kwargs = payload
+        return func(*args, **kwargs)
+    out = []
+    for i, item in enumerate(payload):
+        try:
+            out.append(func(item) if mode == MAP else func(*item))
+        except Exception as e:      # name the item (TaskCancelled is not an Exception)
+            if hasattr(e, "add_note"):
+                name = getattr(func, "__qualname__", None) or repr(func)
+                e.add_note(f"dragon-nb: raised by {name}() on input item {start + i}")
+            raise
+    return out
 
 
 class Worker:
@@ -158,8 +165,9 @@ class Worker:
                     if len(self.funcs) > FUNC_CACHE:
                         self.funcs.popitem(last=False)
                 pos = 0
-                for job, idx, mode, fid, payload, nbufs in body["tasks"]:
-                    self.queue.append((job, idx, mode, fid, payload, bufs[pos:pos + nbufs]))
+                for job, idx, mode, fid, payload, nbufs, start in body["tasks"]:
+                    self.queue.append((job, idx, mode, fid, payload, bufs[pos:pos + nbufs],
+                                       start))
                     pos += nbufs
             elif kind == P.CANCEL:
                 self.cancels += 1
@@ -256,7 +264,7 @@ class Worker:
             return False
 
     def execute(self, task):
-        job, idx, mode, fid, payload, bufs = task
+        job, idx, mode, fid, payload, bufs, start = task
         func = self.funcs.get(fid)
         t0 = time.perf_counter()
         self.current_job = job
@@ -276,7 +284,7 @@ class Worker:
                 if job in self.cancelled:
                     raise TaskCancelled()
                 self.in_user_code = True
-            value = _run_chunk(func, mode, args)
+            value = _run_chunk(func, mode, args, start)
             self.in_user_code = False
         except TaskCancelled:
             self.in_user_code = False
