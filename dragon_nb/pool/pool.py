@@ -7,10 +7,8 @@ pool's I/O thread (see ``dispatcher``), which workers pull from directly.
 from __future__ import annotations
 
 import itertools
-import os
 import pickle
 import reprlib
-import sys
 import threading
 import warnings
 import weakref
@@ -21,6 +19,7 @@ from dragon_nb.pool import results as R
 from dragon_nb.pool.dispatcher import Dispatcher, Job
 from dragon_nb.pool.worker import APPLY, MAP, STARMAP, func_id
 from dragon_nb.runtime.client import get_runtime, on_stop, register_entry_module
+from dragon_nb.runtime.launch import caller_environment
 from dragon_nb.wire import serialization as S
 
 register_entry_module("dragon_nb.pool.worker")
@@ -113,7 +112,7 @@ class Pool:
         if processes is None:
             processes = self._runtime.default_workers()
         self._processes = processes
-        spec = {"sys_path": list(sys.path), "cwd": os.getcwd(), "initializer": init_blob}
+        spec = {**caller_environment(), "initializer": init_blob}
         self._dispatcher = Dispatcher(self._runtime, processes, maxtasksperchild, spec,
                                       nodes=nodes)
         self._state = RUN

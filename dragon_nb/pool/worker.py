@@ -25,6 +25,7 @@ import traceback
 import zmq
 
 from dragon_nb.runtime.counters import BUSY_US, DONE, QDEPTH, RUNNING
+from dragon_nb.runtime.launch import adopt_caller_environment
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
 
@@ -337,19 +338,9 @@ class Worker:
         self.zctx.term()
 
 
-def _prepare(spec: dict) -> None:
-    """Make this process look like the caller for unpickling by reference."""
-    for path in reversed(spec.get("sys_path", ())):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    cwd = spec.get("cwd")
-    if cwd and os.path.isdir(cwd):
-        os.chdir(cwd)
-
-
 def main(spec_bytes: bytes, ctx) -> int:
     spec = S.loads(spec_bytes)
-    _prepare(spec)
+    adopt_caller_environment(spec)
     name = f"DragonPoolWorker-{ctx.node}-{os.getpid()}"
     mpproc._current_process = WorkerProcess(name, (ctx.node, ctx.index + 1), ctx.node)
     worker = Worker(spec, ctx)

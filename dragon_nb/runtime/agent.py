@@ -26,7 +26,7 @@ import psutil
 import zmq
 
 from dragon_nb.runtime import launch
-from dragon_nb.runtime.counters import CounterBlock, Counters, FIELDS, DONE, RUNNING
+from dragon_nb.runtime.counters import CounterBlock, Counters, FIELDS, DONE
 from dragon_nb.wire import protocol as P
 
 log = logging.getLogger("dragon_nb.agent")

@@ -73,3 +73,18 @@ def start_child(module: str, args: list[str], *, lifeline: bool = True,
         os.close(fds[0])
         os.set_inheritable(wfd, False)
     return proc, wfd
+
+
+def caller_environment() -> dict:
+    """What a service process needs to unpickle the caller's objects by reference."""
+    return {"sys_path": list(sys.path), "cwd": os.getcwd()}
+
+
+def adopt_caller_environment(env: dict) -> None:
+    """In a service process: take the caller's ``sys.path`` and working directory."""
+    for path in reversed(env.get("sys_path", ())):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    cwd = env.get("cwd")
+    if cwd and os.path.isdir(cwd):
+        os.chdir(cwd)
