@@ -135,6 +135,7 @@ class Dispatcher:
         self.commands: collections.deque = collections.deque()
         self.spec = S.dumps_inline({**spec, "address": self.address, "maxtasks": maxtasks})
         self._wake_lock = threading.Lock()
+        self._wake_pending = False
         self.workers: dict[bytes, WorkerState] = {}
         self.handles: list[WorkerHandle] = []
         self.jobs: dict[int, Job] = {}
@@ -163,9 +164,12 @@ class Dispatcher:
     # -- called from user threads ----------------------------------------------
     def _command(self, *cmd):
         self.commands.append(cmd)
+        if self._wake_pending:          # the thread will see this command anyway
+            return
         with self._wake_lock:
             if self.finished.is_set():
                 return
+            self._wake_pending = True
             try:
                 os.write(self.wake_w, b"x")
             except BlockingIOError:
@@ -364,6 +368,7 @@ class Dispatcher:
     # -- messages ---------------------------------------------------------------------
     def _on_results(self, w: WorkerState, body, bufs):
         pos = 0
+        batched: dict = {}          # job -> [(idx, ok, value)] for results that take many
         for jid, idx, ok, data, nbufs, dt in body["results"]:
             mine = bufs[pos:pos + nbufs]
             pos += nbufs
@@ -381,8 +386,14 @@ class Dispatcher:
             job.received += 1
             if job.progress is not None:
                 job.progress.add(w.node, len(value) if ok and job.mode != APPLY else 1)
-            if job.result._set(idx, ok, value) or (job.total is not None and
-                                                   job.received >= job.total):
+            if hasattr(job.result, "_set_many"):
+                batched.setdefault(job, []).append((idx, ok, value))
+            elif job.result._set(idx, ok, value) or (job.total is not None and
+                                                     job.received >= job.total):
+                self._finish(job)
+        for job, results in batched.items():
+            if job.result._set_many(results) or (job.total is not None and
+                                                 job.received >= job.total):
                 self._finish(job)
 
     def _on_message(self, ident, kind, body, bufs):
@@ -487,6 +498,7 @@ class Dispatcher:
                             pass
                     except BlockingIOError:
                         pass
+                self._wake_pending = False      # before reading commands: none is missed
                 while self.commands:
                     self._on_command(self.commands.popleft())
                 if self.router.sock in events:

@@ -65,9 +65,9 @@ def _dumps_func(func) -> tuple[str, bytes]:
     return func_id(blob), blob
 
 
-def _dumps_chunk(items, func, offset=0):
+def _dumps_chunk(items, func, offset=0, encoder=None):
     try:
-        return S.dumps_work(items)
+        return encoder.dumps(items) if encoder is not None else S.dumps_work(items)
     except Exception as e:
         culprit = "an argument"
         if isinstance(items, list):
@@ -199,11 +199,12 @@ class Pool:
         chunks = []
         it = iter(iterable)
         n = 0
+        encoder = S.WorkEncoder()
         while chunksize:
             items = list(itertools.islice(it, chunksize))
             if not items:
                 break
-            payload, bufs = _dumps_chunk(items, func, n)
+            payload, bufs = _dumps_chunk(items, func, n, encoder)
             chunks.append([len(chunks), payload, bufs, 0, n])
             n += len(items)
         result = R.MapResult(self._dispatcher.cancel, len(chunks), n, chunksize,
@@ -296,6 +297,7 @@ def _feed(dispatcher, job, it, chunksize, window, func):
     """Pull the input lazily, at most a window ahead of what the caller consumed."""
     idx = n_items = 0
     result = job.result
+    encoder = S.WorkEncoder()
     while True:
         try:
             items = list(itertools.islice(it, chunksize))
@@ -304,7 +306,7 @@ def _feed(dispatcher, job, it, chunksize, window, func):
                     job.progress.total = n_items
                 dispatcher.end(job.id, idx)
                 return
-            payload, bufs = _dumps_chunk(items, func, idx * chunksize)
+            payload, bufs = _dumps_chunk(items, func, n_items, encoder)
         except BaseException as e:          # the input failed: an error at this position
             dispatcher.feed_error(job.id, idx, e)
             return

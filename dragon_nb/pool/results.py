@@ -12,6 +12,7 @@ import collections
 import itertools
 import sys
 import threading
+import time
 import traceback
 from multiprocessing import TimeoutError
 
@@ -137,9 +138,9 @@ class Window:
             self.bytes += nbytes
             return True
 
-    def release(self, nbytes: int) -> None:
+    def release(self, nbytes: int, chunks: int = 1) -> None:
         with self.cond:
-            self.chunks -= 1
+            self.chunks -= chunks
             self.bytes -= nbytes
             self.cond.notify()
 
@@ -175,26 +176,33 @@ class IMapIterator:
             return self._current.popleft()
         try:
             with self._cond:
-                if not self._chunks:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while not self._chunks:
                     if self._length is not None and self._index >= self._length:
                         self._finish()
                         raise StopIteration from None
-                    self._cond.wait(timeout)
-                    if not self._chunks:
-                        if self._length is not None and self._index >= self._length:
-                            self._finish()
-                            raise StopIteration from None
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
                         raise TimeoutError from None
+                    self._cond.wait(left)
                 ok, value, nbytes = self._chunks.popleft()
+                taken = 1
+                if ok:      # take every ready chunk up to the next error: one lock, not one each
+                    self._current.extend(value)
+                    chunks = self._chunks
+                    while chunks and chunks[0][0]:
+                        _, more, size = chunks.popleft()
+                        self._current.extend(more)
+                        nbytes += size
+                        taken += 1
         except KeyboardInterrupt:
             self.close()
             raise
         if self._window is not None:
-            self._window.release(nbytes)
+            self._window.release(nbytes, taken)
         if not ok:
             raise value
-        self._current.extend(value)
-        if not self._current:                   # an empty chunk: keep going
+        if not self._current:                   # empty chunks: keep going
             return self.next(timeout)
         return self._current.popleft()
 
@@ -225,24 +233,36 @@ class IMapIterator:
     def _note_size(self, idx, nbytes):
         self._sizes[idx] = nbytes
 
-    def _set(self, idx, ok, value) -> bool:
-        nbytes = self._sizes.pop(idx, 0)
+    def _set_many(self, results) -> bool:
+        """Several (idx, ok, value) at once: one lock and one wake-up."""
+        done = False
         with self._cond:
-            if self._ordered:
-                if idx == self._index:
-                    self._chunks.append((ok, value, nbytes))
-                    self._index += 1
-                    while self._index in self._unsorted:
-                        self._chunks.append(self._unsorted.pop(self._index))
-                        self._index += 1
-                    self._cond.notify()
-                else:
-                    self._unsorted[idx] = (ok, value, nbytes)
-            else:
+            for idx, ok, value in results:
+                done = self._set_locked(idx, ok, value)
+            self._cond.notify()
+        return done
+
+    def _set(self, idx, ok, value) -> bool:
+        with self._cond:
+            done = self._set_locked(idx, ok, value)
+            self._cond.notify()
+        return done
+
+    def _set_locked(self, idx, ok, value) -> bool:
+        nbytes = self._sizes.pop(idx, 0)
+        if self._ordered:
+            if idx == self._index:
                 self._chunks.append((ok, value, nbytes))
                 self._index += 1
-                self._cond.notify()
-            return self._length is not None and self._index >= self._length
+                while self._index in self._unsorted:
+                    self._chunks.append(self._unsorted.pop(self._index))
+                    self._index += 1
+            else:
+                self._unsorted[idx] = (ok, value, nbytes)
+        else:
+            self._chunks.append((ok, value, nbytes))
+            self._index += 1
+        return self._length is not None and self._index >= self._length
 
     def _set_length(self, length) -> bool:
         with self._cond:

@@ -64,6 +64,30 @@ def dumps_work(obj) -> tuple[bytes, list]:
     return data, buffers
 
 
+class WorkEncoder:
+    """``dumps_work`` for many objects in a row, reusing one pickler (a third
+    of the cost for small objects). One per thread."""
+
+    def __init__(self):
+        self._file = io.BytesIO()
+        self._buffers: list = []
+        self._pickler = _WorkPickler(self._file, protocol=PROTOCOL,
+                                     buffer_callback=_oob(self._buffers))
+
+    def dumps(self, obj) -> tuple[bytes, list]:
+        f = self._file
+        f.seek(0)
+        f.truncate()
+        self._buffers.clear()
+        self._pickler.clear_memo()
+        try:
+            self._pickler.dump(obj)
+        except Exception:
+            self.__init__()          # a failed dump can leave the pickler half-way
+            raise
+        return f.getvalue(), list(self._buffers)
+
+
 def dumps_function(func) -> bytes:
     """A function plus where it came from, so remote tracebacks show its source.
 
