@@ -26,7 +26,7 @@ import psutil
 import zmq
 
 from dragon_nb.runtime import launch
-from dragon_nb.runtime.counters import CounterBlock, Counters, FIELDS, DONE
+from dragon_nb.runtime.counters import CUMULATIVE, FIELDS, CounterBlock, Counters
 from dragon_nb.wire import protocol as P
 
 log = logging.getLogger("dragon_nb.agent")
@@ -142,7 +142,8 @@ class Agent:
             code = os.waitstatus_to_exitcode(status)
             values = self.counters.release(child.slot)
             acc = self.retired.setdefault(child.owner, [0] * len(FIELDS))
-            acc[DONE] += values[DONE]
+            for f in CUMULATIVE:          # running totals outlive the process; levels do not
+                acc[f] += values[f]
             exited.append((pid, code))
         if exited:
             self.chan.send(P.EVT, {"op": "exited", "node": self.node, "procs": exited})
@@ -169,7 +170,8 @@ class Agent:
                 pass
         for owner, acc in self.retired.items():
             o = owners.setdefault(owner, {"procs": 0, **{f: 0 for f in FIELDS}})
-            o["done"] += acc[DONE]
+            for f in CUMULATIVE:
+                o[FIELDS[f]] += acc[f]
         self.chan.send(P.EVT, {
             "op": "telemetry", "node": self.node, "hostname": self.hostname,
             "time": time.time(), "procs": len(self.children),

@@ -13,6 +13,7 @@ import struct
 
 FIELDS = ("done", "running", "items", "busy_us", "bytes", "keys", "qdepth", "spare")
 DONE, RUNNING, ITEMS, BUSY_US, BYTES, KEYS, QDEPTH, SPARE = range(len(FIELDS))
+CUMULATIVE = (DONE, ITEMS, BUSY_US)   # totals; the others are levels (now)
 _SLOT = struct.Struct("<8q")
 MAX_SLOTS = 1024
 

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import pickle
 import logging
+import struct
 
 import zmq
 
@@ -41,6 +42,59 @@ CANCEL = b"cx"        # pool -> worker: {"jobs": [job, ...]}
 INIT_FAILED = b"if"   # worker -> pool: {"error": str}
 STOP = b"st"          # pool -> worker: finish queued work and exit
 OUTPUT = b"io"        # worker -> pool: {"lines": [(job, stream, text)], "dropped": int}
+
+# --- data plane: pipeline stages (PUSH/PULL, worker to worker) ----------------
+PIPE_ITEMS = b"pi"    # a batch: {"seq", "start"} + pickled (values, {i: failure}) + buffers
+PIPE_END = b"pe"      # node source -> caller: {"batches", "items"} + pickled failure or None
+
+# --- data plane: DDict client <-> manager ------------------------------------
+# Not Codec messages: the hot path has no pickle and no dict. A request is one
+# frame, a fixed header then the key's pickle then the value's inline pickle:
+#     DD_REQUEST (op, flags, vflags, nbufs, rid, klen, arg) + key + value
+# followed (zmq only) by ``nbufs`` frames: the value's out-of-band buffers.
+# A reply is one frame, DD_REPLY (status, vflags, nbufs, rid, arg) + payload,
+# plus ``nbufs`` buffer frames. The manager never unpickles: keys and values
+# are opaque bytes to it. Requests go to the manager's zmq ROUTER; on the same
+# host, small synchronous ones may take its SOCK_SEQPACKET *lane* instead (one
+# datagram per message, at most DD_LANE_MAX bytes, never buffer frames), which
+# costs one wake-up each way instead of zmq's four.
+DD_REQUEST = struct.Struct("<BBBxIIIq")
+DD_REPLY = struct.Struct("<BBxxIIq")
+DD_ENTRY = struct.Struct("<IIIBBxx")   # one put of a DD_BATCH: klen, inline len, nbufs, vflags, flags
+DD_ITEM = struct.Struct("<qIBxxx")     # one value of a DD_MGET reply: inline len (-1: missing), nbufs, vflags
+DD_LANE_MAX = (64 << 10) + 512
+
+(DD_PING,          # -> arg: the manager's pid
+ DD_PUT,           # key + value
+ DD_GET,           # key -> value
+ DD_CONTAINS,      # key -> OK or MISSING
+ DD_POP,           # key -> value (none with DDF_NO_VALUE)
+ DD_LEN,           # -> arg: keys held (bput copies excluded)
+ DD_KEYS,          # -> arg: count; payload: count uint32 lengths + the keys
+ DD_MGET,          # key region: uint32 lengths; value region: the keys -> arg: values
+                   #   served (a prefix); payload: DD_ITEM each + inline parts; buffers
+ DD_CLEAR,
+ DD_STATS,         # -> payload: pickle of a dict of built-in values
+ DD_FREEZE, DD_UNFREEZE,
+ DD_IS_FROZEN,     # -> arg: 0 or 1
+ DD_FETCH_ADD,     # key, arg: amount -> arg: the value before
+ DD_WAIT_FOR,      # key [+ value with DDF_MATCH], arg: ms (-1: no limit); zmq only
+ DD_BATCH,         # arg: batch id; value region: (DD_ENTRY + key + inline) each; no reply
+ DD_BATCH_END,     # arg: batch id -> status of the first failure, arg: failures, payload: why
+ DD_DESTROY,       # the manager answers, then exits
+ ) = range(1, 19)
+DD_OP_NAMES = {v: k[3:].lower() for k, v in list(globals().items())
+               if k.startswith("DD_") and isinstance(v, int) and k != "DD_LANE_MAX"}
+
+DDF_REPLICA = 1       # put: a bput copy, kept apart (not counted, listed, popped)
+DDF_ANY_COPY = 2      # get: a bput copy will do
+DDF_NO_VALUE = 4      # pop: do not send the value back
+DDF_MATCH = 8         # wait_for: wait for this value, not only for the key
+
+DDV_RAW = 1           # value flag: a ``bytes`` value, sent as is (inline or one buffer)
+
+(DDS_OK, DDS_MISSING, DDS_FULL, DDS_FROZEN, DDS_TIMEOUT, DDS_TOO_BIG, DDS_BAD,
+ DDS_ERROR) = range(8)   # reply statuses; DDS_TOO_BIG: ask again over zmq
 
 # --- pub/sub topics (head PUB) ----------------------------------------------
 TOPIC_TELEMETRY = b"tel."      # + node id; body: per-node figures

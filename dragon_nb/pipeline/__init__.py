@@ -1,0 +1,4 @@
+"""Streaming pipelines whose stages pass items worker to worker."""
+from dragon_nb.pipeline.pipeline import Pipeline, PipelineError, Stage, on_node, stage
+
+__all__ = ["Pipeline", "PipelineError", "Stage", "on_node", "stage"]

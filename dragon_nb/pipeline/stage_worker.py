@@ -1,0 +1,199 @@
+"""A pipeline stage process: pull batches from upstream, apply the stage's
+function to each item, push the results downstream.
+
+Stages are wired worker-to-worker with PUSH/PULL sockets: each worker binds
+its own output and connects to every worker of the stage before it, so items
+never pass through the caller between stages. The sockets' high-water marks
+bound every queue: a slow stage blocks its upstream, and so on back to the
+source. A failing item becomes an error record that later stages pass
+through untouched, so the caller can raise it at its position.
+
+Entry points (started by node agents): ``main`` for a stage worker,
+``source_main`` for a generator run on a node.
+"""
+from __future__ import annotations
+
+import multiprocessing.pool as mpp
+
+import zmq
+
+from dragon_nb.runtime.counters import DONE, ITEMS, RUNNING
+from dragon_nb.runtime.launch import adopt_caller_environment
+from dragon_nb.wire import protocol as P
+from dragon_nb.wire import serialization as S
+
+POLL_MS = 200
+
+
+class StageFailure:
+    """An item's error, travelling downstream in place of its value."""
+
+    def __init__(self, stage: int, name: str, position: int, node: int, exc: BaseException):
+        self.stage, self.name, self.position, self.node = stage, name, position, node
+        self.exc = exc
+
+    def __reduce__(self):        # the exception travels with its remote traceback
+        wrapped = mpp.ExceptionWithTraceback(self.exc, self.exc.__traceback__)
+        return _rebuild_failure, (self.stage, self.name, self.position, self.node, wrapped)
+
+
+def _rebuild_failure(stage, name, position, node, exc):
+    f = StageFailure.__new__(StageFailure)
+    f.stage, f.name, f.position, f.node, f.exc = stage, name, position, node, exc
+    return f
+
+
+class _Stop(Exception):
+    pass
+
+
+class StageWorker:
+    def __init__(self, spec: dict, ctx):
+        self.spec, self.ctx = spec, ctx
+        self.zctx = zmq.Context()
+        self.pull = self.zctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVHWM, spec["hwm"])
+        for addr in spec["inputs"]:
+            self.pull.connect(addr)
+        self.push = self.zctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.SNDHWM, spec["hwm"])
+        self.push.bind(spec["output"])
+        self.control = self.zctx.socket(zmq.SUB)
+        self.control.setsockopt(zmq.SUBSCRIBE, b"")
+        self.control.connect(spec["control"])
+        self.codec = P.Codec()
+        self.counters = ctx.counters
+        self.items_in = self.items_out = 0
+
+    def stopped(self, timeout_ms: int = 0) -> bool:
+        return bool(self.control.poll(timeout_ms))
+
+    def send(self, frames) -> None:
+        """Blocking send downstream (that is the backpressure), but stoppable."""
+        while not self.push.poll(POLL_MS, zmq.POLLOUT):
+            if self.stopped():
+                raise _Stop()
+        self.push.send_multipart(frames, copy=False)
+
+    def process(self, body, payload, bufs):
+        func, stage, name = self.func, self.spec["stage"], self.spec["name"]
+        values, failures = S.loads(payload, bufs)
+        start = body["start"]
+        out = []
+        self.counters.set(RUNNING, 1)
+        self.counters.publish()
+        for i, value in enumerate(values):
+            if i in failures:
+                out.append(None)
+                continue
+            try:
+                out.append(func(value))
+            except Exception as e:
+                failures[i] = StageFailure(stage, name, start + i, self.ctx.node, e)
+                out.append(None)
+        into = self.into
+        if into is not None:           # the last stage stores results where they belong
+            for i, value in enumerate(out):
+                if i not in failures:
+                    into[self.key(start + i, value)] = value
+            out = [None] * len(out)
+        self.items_in += len(values)
+        self.items_out += len(values)
+        self.counters.set(ITEMS, self.items_in)
+        self.counters.set(DONE, self.items_out)
+        self.counters.set(RUNNING, 0)
+        self.counters.publish()
+        data, obufs = S.dumps_result((out, failures))
+        return self.codec.encode(P.PIPE_ITEMS, body, [data, *obufs])
+
+    def run(self) -> int:
+        self.func = S.loads_function(self.spec["func"])
+        self.into = S.loads(self.spec["into"]) if self.spec.get("into") else None
+        self.key = S.loads(self.spec["key"]) if self.spec.get("key") else (lambda i, v: i)
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll(1000))
+                if self.control in events:
+                    return 0
+                if self.pull in events:
+                    frames = self.pull.recv_multipart(copy=False)
+                    try:
+                        kind, body, rest = self.codec.decode(frames)
+                    except P.ProtocolError:
+                        continue
+                    if kind != P.PIPE_ITEMS or not rest:
+                        continue
+                    self.send(self.process(body, rest[0], rest[1:]))
+        except _Stop:
+            return 0
+        finally:
+            for s in (self.pull, self.push, self.control):
+                s.close(linger=0)
+            self.zctx.term()
+
+
+def main(spec_bytes: bytes, ctx) -> int:
+    spec = S.loads(spec_bytes)
+    adopt_caller_environment(spec)
+    return StageWorker(spec, ctx).run()
+
+
+def source_main(spec_bytes: bytes, ctx) -> int:
+    """Run a generator on this node and push its items into the pipeline."""
+    spec = S.loads(spec_bytes)
+    adopt_caller_environment(spec)
+    gen_func, args = S.loads(spec["source"])
+    zctx = zmq.Context()
+    push = zctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, spec["hwm"])
+    push.bind(spec["output"])
+    report = zctx.socket(zmq.DEALER)
+    report.connect(spec["report"])
+    control = zctx.socket(zmq.SUB)
+    control.setsockopt(zmq.SUBSCRIBE, b"")
+    control.connect(spec["control"])
+    codec = P.Codec()
+    batch, seq, count, error = [], 0, 0, None
+    size = spec["batch"]
+
+    def flush():
+        nonlocal batch, seq
+        data, bufs = S.dumps_work((batch, {}))
+        frames = codec.encode(P.PIPE_ITEMS, {"seq": seq, "start": count - len(batch)},
+                              [data, *bufs])
+        while not push.poll(POLL_MS, zmq.POLLOUT):
+            if control.poll(0):
+                raise _Stop()
+        push.send_multipart(frames, copy=False)
+        ctx.counters.set(DONE, count)
+        ctx.counters.publish()
+        batch, seq = [], seq + 1
+
+    try:
+        try:
+            for item in gen_func(*args):
+                batch.append(item)
+                count += 1
+                if len(batch) >= size:
+                    flush()
+        except _Stop:
+            raise
+        except Exception as e:
+            error = StageFailure(-1, getattr(gen_func, "__qualname__", "source"), count,
+                                 ctx.node, e)
+        if batch:
+            flush()
+        report.send_multipart(codec.encode(P.PIPE_END, {"batches": seq, "items": count},
+                                           [S.dumps_result(error)[0]]))
+        while not control.poll(1000):        # wait to be told to stop
+            pass
+        return 0
+    except _Stop:
+        return 0
+    finally:
+        for s in (push, report, control):
+            s.close(linger=1000)
+        zctx.term()

@@ -1,0 +1,171 @@
+"""Pipelines: stages wired worker to worker, bounded queues, errors with stage and item."""
+import itertools
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dragon_nb.pipeline import Pipeline, PipelineError, on_node, stage
+from dragon_nb.telemetry import TelemetryMonitor
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def inc(x):
+    return x + 1
+
+
+def double(x):
+    return 2 * x
+
+
+def slow_double(x):
+    time.sleep(0.01)
+    return 2 * x
+
+
+def bad_on_13(x):
+    if x == 13:
+        raise ValueError("13 is unlucky")
+    return x
+
+
+def numbers(n):
+    yield from range(n)
+
+
+def where(x):
+    import multiprocessing
+    return multiprocessing.current_process().node if hasattr(
+        multiprocessing.current_process(), "node") else os.getpid()
+
+
+class FileStore:
+    """A picklable mapping that writes each item to a file (stands in for a DDict)."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def __setitem__(self, key, value):
+        Path(self.folder, str(key)).write_text(repr(value))
+
+
+def test_results_come_in_input_order(runtime):
+    with Pipeline(range(500), stage(inc, workers=2), stage(double, workers=2)) as pipe:
+        assert list(pipe) == [2 * (x + 1) for x in range(500)]
+
+
+def test_unordered_mode_yields_everything(runtime):
+    with Pipeline(range(300), stage(slow_double, workers=2), ordered=False) as pipe:
+        assert sorted(pipe) == [2 * x for x in range(300)]
+
+
+def test_stage_workers_are_placed_on_the_nodes_asked(runtime):
+    with Pipeline(range(10), stage(inc, workers=2, nodes=[1]), stage(double, nodes=[0])) as pipe:
+        list(pipe)
+        assert sorted(node for k, node, _ in pipe.procs if k == 0) == [1, 1]
+        assert [node for k, node, _ in pipe.procs if k == 1] == [0]
+
+
+def test_a_generator_can_run_on_a_node_as_the_source(runtime):
+    with Pipeline(on_node(numbers, 1000, node=1), stage(inc)) as pipe:
+        assert list(pipe) == list(range(1, 1001))
+
+
+def test_a_slow_stage_slows_the_source(runtime):
+    pulled = itertools.count()
+
+    def endless():
+        for i in itertools.count():
+            next(pulled)
+            yield i
+
+    with Pipeline(endless(), stage(inc), stage(slow_double)) as pipe:
+        first = list(itertools.islice(pipe, 50))
+        time.sleep(1.0)                       # the source may run ahead only as far as
+        taken = next(pulled)                  # the bounded queues let it
+    assert first == [2 * (x + 1) for x in range(50)]
+    assert taken < 50 + 4 * 3 * 256           # queue_depth x links x the largest batch
+
+
+def test_an_error_names_the_stage_and_the_item_after_the_items_before_it(runtime):
+    out = []
+    with Pipeline(range(40), stage(inc), stage(bad_on_13, workers=2)) as pipe:
+        with pytest.raises(ValueError, match="13 is unlucky") as info:
+            for x in pipe:
+                out.append(x)
+    assert out == list(range(1, 13))
+    if sys.version_info >= (3, 11):
+        assert "dragon-nb: stage 1 (bad_on_13) on node" in info.value.__notes__[-1]
+        assert info.value.__notes__[-1].endswith("failed on item 12")
+
+
+def test_a_source_that_raises_ends_the_pipeline_with_that_error(runtime):
+    def source():
+        yield from range(25)
+        raise OSError("the socket went away")
+
+    with Pipeline(source(), stage(inc)) as pipe:
+        got = []
+        with pytest.raises(OSError, match="socket went away"):
+            for x in pipe:
+                got.append(x)
+    assert got == list(range(1, 26))
+
+
+def test_a_killed_stage_worker_fails_the_pipeline_naming_stage_and_node(runtime):
+    pipe = Pipeline(itertools.count(), stage(inc), stage(slow_double, workers=2))
+    try:
+        next(pipe)
+        _, node, pid = next(p for p in pipe.procs if p[0] == 1)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(PipelineError, match=rf"stage 1 \(slow_double\): worker pid {pid} "
+                                                rf"on node {node} was killed"):
+            for _ in pipe:
+                pass
+    finally:
+        pipe.close()
+
+
+def test_close_stops_every_stage(runtime):
+    pipe = Pipeline(itertools.count(), stage(inc), stage(double))
+    assert next(pipe) == 2
+    pids = [p for _, _, p in pipe.procs]
+    pipe.close()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                os.kill(pid, 0)
+                time.sleep(0.05)
+
+
+def test_the_last_stage_can_store_results_itself(runtime, tmp_path):
+    with Pipeline(range(20), stage(double, workers=2), into=FileStore(tmp_path)) as pipe:
+        assert pipe.run() == 20
+    assert sorted(int(p.name) for p in tmp_path.iterdir()) == list(range(20))
+    assert (tmp_path / "7").read_text() == "14"
+
+
+def test_stage_telemetry_counts_items_in_and_out(runtime):
+    with TelemetryMonitor(runtime) as mon, \
+            Pipeline(range(2000), stage(inc), stage(double, workers=2)) as pipe:
+        assert len(list(itertools.islice(pipe, 2000))) == 2000
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            stats = pipe.stats(mon.snapshot())
+            if all(s["out"] == 2000 for s in stats):
+                break
+            time.sleep(0.1)
+    assert [(s["name"], s["in"], s["out"], s["workers"], s["queued"]) for s in stats] == \
+        [("inc", 2000, 2000, 1, 0), ("double", 2000, 2000, 2, 0)]
+
+
+def test_bad_stages_are_refused():
+    with pytest.raises(TypeError, match="stage"):
+        stage(42)
+    with pytest.raises(ValueError, match="workers"):
+        stage(inc, workers=0)
