@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,24 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dragon-nb demo --nodes 4
 
-test: $(STAMP)
+# The browser test drives Debian's Chromium through Playwright (never
+# `playwright install`, which downloads a browser of its own).
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	    if [ "$$(id -u)" = 0 ]; then \
+	        DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium </dev/null; \
+	    else \
+	        echo "tests/test_browser.py needs Debian's chromium: sudo apt-get install chromium"; \
+	    fi; \
+	fi
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_pool.py
+	$(PY) benchmarks/bench_pipeline.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

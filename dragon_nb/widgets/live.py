@@ -112,6 +112,9 @@ class CallWidget(_LiveView):
         rows = node_rows(self.monitor.snapshot(), owner=self.pool.owner,
                          call_by_node=dict(self.progress.by_node), nodes=self.progress.nodes)
         self.rates.update(rows)
+        if self.progress.finished:      # nothing of this call runs or waits any more;
+            for row in rows:            # telemetry may not have caught up yet
+                row.running = row.queued = 0
         return rows
 
     def header(self) -> str:
@@ -129,8 +132,10 @@ class CallWidget(_LiveView):
         self.total.max = max(1, total)
         self.total.value = min(p.done, self.total.max)
         self.title.value = f"<b>{self.header()}</b>"
+        # a node's bar is full when it has done its even share (or the most of any node)
+        share = max(-(-total // max(1, len(rows))), max((r.done for r in rows), default=1))
         for row in rows:
-            self._line(row.node).show(row, total)
+            self._line(row.node).show(row, share)
 
     def done(self) -> bool:
         return self.progress.finished or not self.runtime.alive
