@@ -4,6 +4,7 @@
     %dragon stop | restart | status | nodes
     %dragon progress on|off
     %dragon map FUNC ITERABLE [--chunksize N] [--processes P] [-o NAME] [--no-progress]
+    %%dragon pipeline [-o NAME] [--unordered]     (stages in the cell body)
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dragon_nb.runtime import get_runtime
 
 try:
     from IPython.core.error import UsageError
-    from IPython.core.magic import Magics, line_magic, magics_class
+    from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
     from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 except ImportError as e:  # pragma: no cover - only without IPython
     raise ImportError("kernel_ext needs IPython: pip install ipython") from e
@@ -147,6 +148,85 @@ class DragonMagics(Magics):
         ns[args.output or "_dragon_map"] = result
         print(f"{len(result)} results in {args.output or '_dragon_map'}")
         return None
+
+    @magic_arguments()
+    @argument("what", choices=["pipeline"], help="what the cell defines")
+    @argument("-o", "--output", default="_dragon_pipeline", help="name for the result list")
+    @argument("--unordered", action="store_true", help="results as they come")
+    @argument("--queue-depth", type=int, default=4, help="batches each link may hold")
+    @cell_magic("dragon")
+    def dragon_cell(self, line, cell):
+        """Run a pipeline defined in the cell, with live per-stage figures.
+
+        %%dragon pipeline [-o NAME] [--unordered] [--queue-depth N]
+        source: ITERABLE
+        stage: FUNC [workers=N] [nodes=0,1]
+        ...
+        """
+        try:
+            args = parse_argstring(self.dragon_cell, line)
+            source, stages = parse_pipeline_cell(cell, self.shell.user_ns)
+        except (UsageError, ValueError, NameError) as e:
+            print(f"{type(e).__name__}: {e}\n\n{PIPELINE_HELP}")
+            return None
+        from dragon_nb.pipeline import Pipeline, stage
+        pipe = Pipeline(source, *(stage(f, workers=w, nodes=n) for f, w, n in stages),
+                        ordered=not args.unordered, queue_depth=args.queue_depth)
+        view = None
+        if in_kernel(self.shell):
+            from dragon_nb.widgets.live import PipelineWidget
+            view = PipelineWidget(pipe).start()
+        try:
+            with pipe:
+                result = list(pipe)
+        finally:
+            if view is not None:
+                view.close()
+        self.shell.user_ns[args.output] = result
+        print(f"{len(result)} results in {args.output}")
+        return None
+
+
+PIPELINE_HELP = """%%dragon pipeline [-o NAME] [--unordered] [--queue-depth N]
+source: ITERABLE                     a name or expression in the notebook
+stage: FUNC [workers=N] [nodes=0,1]  one line per stage, in order
+"""
+
+
+def parse_pipeline_cell(cell: str, ns: dict):
+    """The cell body -> (source, [(func, workers, nodes)]); errors name the line."""
+    source, stages = None, []
+    for lineno, raw in enumerate(cell.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        what, _, rest = line.partition(":")
+        what, rest = what.strip(), rest.strip()
+        if what == "source":
+            try:
+                source = eval(rest, ns)
+            except NameError as e:
+                raise NameError(f"line {lineno}: {e}") from None
+        elif what == "stage":
+            words = rest.split()
+            if not words:
+                raise ValueError(f"line {lineno}: a stage needs a function name")
+            if words[0] not in ns:
+                raise NameError(f"line {lineno}: name {words[0]!r} is not defined in the notebook")
+            opts = {}
+            for w in words[1:]:
+                key, eq, value = w.partition("=")
+                if not eq or key not in ("workers", "nodes"):
+                    raise ValueError(f"line {lineno}: expected workers=N or nodes=A,B, not {w!r}")
+                opts[key] = value
+            workers = int(opts.get("workers", 1))
+            nodes = [int(n) for n in opts["nodes"].split(",")] if "nodes" in opts else None
+            stages.append((ns[words[0]], workers, nodes))
+        else:
+            raise ValueError(f"line {lineno}: expected 'source:' or 'stage:', not {line!r}")
+    if source is None or not stages:
+        raise ValueError("a pipeline needs a 'source:' line and at least one 'stage:' line")
+    return source, stages
 
 
 def _widget_observer(pool, progress):

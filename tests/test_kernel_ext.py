@@ -61,3 +61,29 @@ def test_functions_and_classes_defined_in_cells_run_on_workers(ip):
     # the remote traceback shows the cell's own source line
     assert "raise ValueError('cell line shown')  # marker" in ip.user_ns["tb"]
     dragon_nb.stop()
+
+
+def test_pipeline_cell_magic_runs_the_stages_and_binds_the_results(ip, capsys):
+    ip.run_line_magic("load_ext", "dragon_nb")
+    ip.run_cell("def inc(x):\n    return x + 1\ndef dbl(x):\n    return 2 * x\nitems = range(50)")
+    ip.run_cell_magic("dragon", "pipeline -o out",
+                      "source: items\nstage: inc workers=2\nstage: dbl nodes=0\n")
+    assert ip.user_ns["out"] == [2 * (x + 1) for x in range(50)]
+    assert "50 results in out" in capsys.readouterr().out
+    ip.run_cell_magic("dragon", "pipeline", "source: items\nstage: nope\n")
+    assert "name 'nope' is not defined" in capsys.readouterr().out
+    ip.run_cell_magic("dragon", "pipeline", "stage: inc\n")
+    assert "needs a 'source:' line" in capsys.readouterr().out
+    dragon_nb.stop()
+
+
+def test_map_magic_binds_the_result_and_names_what_is_missing(ip, capsys):
+    ip.run_line_magic("load_ext", "dragon_nb")
+    ip.run_cell("def sq(x):\n    return x * x")
+    ip.run_line_magic("dragon", "map sq range(10) --chunksize 2 -o squares")
+    assert ip.user_ns["squares"] == [x * x for x in range(10)]
+    ip.run_line_magic("dragon", "map missing_fn range(3)")
+    assert "name 'missing_fn' is not defined" in capsys.readouterr().out
+    ip.run_line_magic("dragon", "start --bogus")
+    assert "UsageError" in capsys.readouterr().out
+    dragon_nb.stop()

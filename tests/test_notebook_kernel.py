@@ -139,3 +139,20 @@ def test_worker_prints_appear_under_the_cell_that_made_the_call(kernel):
     for x in range(4):
         assert f"working on {x}\n" in text
     assert "[node" in text and "pid" in text      # prefixed with node and worker
+
+
+def test_pipeline_cell_shows_live_per_stage_figures(kernel):
+    km, kc = kernel
+    assert execute(kc, SETUP)[0]["status"] == "ok"
+    code = ("%%dragon pipeline -o out\n"
+            "source: range(120)\n"
+            "stage: slow workers=2\n")
+    reply, msgs = execute(kc, code)
+    assert reply["status"] == "ok", reply
+    values = [m["content"]["data"]["state"]["value"] for _, m in msgs
+              if m["msg_type"] == "comm_msg"
+              and m["content"]["data"].get("method") == "update"
+              and "value" in m["content"]["data"].get("state", {})]
+    assert len(set(values)) >= 3, values
+    finals = [m for _, m in msgs if m["msg_type"] == "update_display_data"]
+    assert finals and "pipeline: 120 items" in finals[-1]["content"]["data"]["text/html"]

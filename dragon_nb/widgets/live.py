@@ -172,3 +172,76 @@ class Dashboard(_LiveView):
 def show_call(pool, progress):
     """Progress observer: a live widget under the cell that made the call."""
     progress.views.append(CallWidget(pool, progress).start())
+
+
+class PipelineWidget:
+    """Per-stage figures of a running pipeline: workers, items in/out, queue, rate."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.monitor = TelemetryMonitor(pipe.runtime)
+        self.title = W.HTML("<b>pipeline</b>")
+        self.rows = {}
+        self.box = W.VBox([])
+        self.widget = W.VBox([self.title, self.box])
+        self.rates = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name="dragon-nb pipeline widget")
+
+    def _row(self, k, name):
+        if k not in self.rows:
+            bar = W.IntProgress(min=0, max=1, value=0, description=f"{k}: {name}"[:20],
+                                layout=W.Layout(width="320px"))
+            text = W.HTML("")
+            self.rows[k] = (bar, text)
+            self.box.children = [W.HBox(list(self.rows[i])) for i in sorted(self.rows)]
+        return self.rows[k]
+
+    def stats(self):
+        return self.pipe.stats(self.monitor.snapshot())
+
+    def refresh(self):
+        import time as _time
+        now = _time.monotonic()
+        sent = max(1, self.pipe.items_sent)
+        for k, st in enumerate(self.stats()):
+            bar, text = self._row(k, st["name"])
+            last = self.rates.get(k)
+            rate = 0.0
+            if last is not None and now > last[0]:
+                rate = (st["out"] - last[1]) / (now - last[0])
+            self.rates[k] = (now, st["out"])
+            bar.max = sent
+            bar.value = min(st["out"], sent)
+            text.value = (f"{st['workers']} workers · in {st['in']} · out {st['out']} · "
+                          f"queued {st['queued']} · {max(rate, 0):.0f}/s")
+        self.title.value = f"<b>pipeline</b>: {self.pipe.items_sent} items from the source"
+
+    def _loop(self):
+        while not self._stop.wait(REFRESH_S):
+            try:
+                self.refresh()
+            except Exception:
+                pass
+
+    def start(self):
+        self.handle = display(self.widget, display_id=True)
+        self._thread.start()
+        return self
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(2)
+        try:
+            self.refresh()
+            rows = "".join(
+                f"<tr><td>{k}</td><td>{st['name']}</td><td>{st['in']}</td><td>{st['out']}</td></tr>"
+                for k, st in enumerate(self.stats()))
+            self.handle.update(HTML(
+                f"<div class='dragon-nb'><b>pipeline: {self.pipe.items_sent} items</b><table>"
+                f"<tr><th>stage</th><th>function</th><th>in</th><th>out</th></tr>{rows}"
+                f"</table></div>"))
+            self.widget.close()
+        finally:
+            self.monitor.close()
