@@ -206,9 +206,55 @@ def test_killed_worker_is_replaced_and_its_tasks_rerun(runtime):
 
 def test_a_task_that_kills_every_worker_fails_naming_worker_and_node(runtime):
     with Pool(2) as p:
-        with pytest.raises(WorkerLostError, match=r"pool worker pid \d+ on node \d+ was killed"):
+        with pytest.raises(WorkerLostError, match=r"pool worker pid \d+ on node \d+ was killed"
+                                                  r".*ran 2 time"):
             p.apply(kill_myself, (1,))
         assert p.map(square, range(4)) == [0, 1, 4, 9]
+
+
+def test_how_often_a_lost_task_runs_again_is_configurable(runtime):
+    with Pool(2, task_retries=0) as p:
+        with pytest.raises(WorkerLostError, match="no retries were allowed"):
+            p.map(kill_myself, [1])
+        assert p.map(square, [3]) == [9]
+    with pytest.raises(ValueError, match="task_retries"):
+        Pool(1, task_retries=-1)
+
+
+def exits_with_os_exit(_):
+    os._exit(3)
+
+
+def raises_system_exit(_):
+    raise SystemExit(4)
+
+
+def recurses(n):
+    return recurses(n + 1)
+
+
+def allocates_too_much(_):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, hard))
+    try:
+        return len(bytearray(8 << 30))
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_tasks_that_misbehave_get_a_clear_error_and_the_pool_stays_usable(runtime):
+    from dragon_nb.pool import TaskExitError
+    with Pool(2) as p:
+        with pytest.raises(WorkerLostError, match="exited with code 3"):
+            p.apply(exits_with_os_exit, (0,))
+        with pytest.raises(TaskExitError, match="SystemExit"):
+            p.apply(raises_system_exit, (0,))
+        with pytest.raises(RecursionError):
+            p.apply(recurses, (0,))
+        with pytest.raises(MemoryError):
+            p.apply(allocates_too_much, (0,))
+        assert p.map(square, range(5)) == [0, 1, 4, 9, 16]
 
 
 def _interrupt_main_after(delay):

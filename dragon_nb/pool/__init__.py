@@ -2,6 +2,7 @@
 from dragon_nb.pool.dispatcher import PoolBrokenError, WorkerLostError
 from dragon_nb.pool.pool import Pool
 from dragon_nb.pool.results import ApplyResult, AsyncResult, IMapIterator, MapResult
+from dragon_nb.pool.worker import TaskExitError
 
 __all__ = ["Pool", "ApplyResult", "AsyncResult", "MapResult", "IMapIterator",
-           "PoolBrokenError", "WorkerLostError"]
+           "PoolBrokenError", "WorkerLostError", "TaskExitError"]

@@ -40,7 +40,7 @@ START_WINDOW = 2
 MAX_BATCH_BYTES = 4 << 20
 LIVENESS_S = 0.5
 EXIT_GRACE_S = 0.2            # results sent just before an exit may still be in flight
-MAX_ATTEMPTS = 2              # a chunk runs at most twice (once more after a lost worker)
+TASK_RETRIES = 1              # a chunk lost with its worker runs again at most this often
 WORKER_ENTRY = "dragon_nb.pool.worker:main"
 
 
@@ -116,8 +116,10 @@ class WorkerState:
 
 
 class Dispatcher:
-    def __init__(self, runtime, processes, maxtasks, spec: dict, nodes=None):
+    def __init__(self, runtime, processes, maxtasks, spec: dict, nodes=None,
+                 task_retries: int = TASK_RETRIES):
         self.runtime = runtime
+        self.task_retries = task_retries
         self.processes = processes
         self.maxtasks = maxtasks
         self.nodes = nodes
@@ -249,13 +251,14 @@ class Dispatcher:
                 if job.cancelled or job.id not in self.jobs:
                     continue
                 chunk[3] += 1
-                if chunk[3] >= MAX_ATTEMPTS:
+                if chunk[3] > self.task_retries:
                     how = "was killed" if w.exit_code is None or w.exit_code < 0 else \
                         f"exited with code {w.exit_code}"
+                    tries = f"it ran {chunk[3]} time(s), each time losing its worker" \
+                        if chunk[3] > 1 else "no retries were allowed"
                     self._finish(job, fail=WorkerLostError(
                         f"pool worker pid {w.pid} on node {w.node} {how} while running "
-                        f"chunk {idx} of {job.name}; the chunk had already been retried "
-                        f"once after losing another worker"))
+                        f"chunk {idx} (input items from {chunk[4]}) of {job.name}; {tries}"))
                 else:
                     log.info("re-running chunk %s of %s lost with worker %s", idx, job.name, w.pid)
                     job.pending.appendleft(chunk)

@@ -86,13 +86,17 @@ class Pool:
     """A pool of worker processes spread over the runtime's nodes.
 
     Same constructor as ``multiprocessing.Pool``, plus ``nodes=`` (node ids to
-    place workers on) and ``runtime=`` (defaults to the current one, started
-    on first use).
+    place workers on), ``task_retries=`` (how often a task lost with its worker
+    runs again, default 1) and ``runtime=`` (defaults to the current one,
+    started on first use).
     """
 
     def __init__(self, processes=None, initializer=None, initargs=(),
-                 maxtasksperchild=None, context=None, *, nodes=None, runtime=None):
+                 maxtasksperchild=None, context=None, *, nodes=None, task_retries=1,
+                 runtime=None):
         self._state = INIT
+        if not isinstance(task_retries, int) or task_retries < 0:
+            raise ValueError(f"task_retries must be an int >= 0, not {task_retries!r}")
         if processes is not None and processes < 1:
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None:
@@ -114,7 +118,7 @@ class Pool:
         self._processes = processes
         spec = {**caller_environment(), "initializer": init_blob}
         self._dispatcher = Dispatcher(self._runtime, processes, maxtasksperchild, spec,
-                                      nodes=nodes)
+                                      nodes=nodes, task_retries=task_retries)
         self._state = RUN
         _live.add(self._dispatcher)
         self._finalizer = weakref.finalize(self, self._dispatcher.terminate)

@@ -39,6 +39,11 @@ OUTPUT_FLUSH_BYTES = 8192
 OUTPUT_RATE = 64 * 1024        # bytes per second a worker may print; the rest is dropped
 
 
+class TaskExitError(RuntimeError):
+    """A task raised SystemExit or KeyboardInterrupt: reported, not obeyed, so it
+    neither ends the worker nor the caller that receives it."""
+
+
 class TaskCancelled(BaseException):
     """Raised inside a running task whose job was cancelled by the caller."""
 
@@ -296,6 +301,10 @@ class Worker:
             return
         except BaseException as e:
             self.in_user_code = False
+            if not isinstance(e, Exception):
+                wrapped = TaskExitError(f"the task raised {e!r}")
+                wrapped.__cause__ = e
+                e = wrapped
             ok, value = False, mpp.ExceptionWithTraceback(e, e.__traceback__)
         dt = time.perf_counter() - t0
         self.last_job = job
