@@ -143,3 +143,26 @@ def test_a_caller_killed_with_sigkill_leaves_no_process_and_no_file(tmp_path, en
             caller.kill()
             caller.wait()
     assert not leftover_processes(timeout=1)
+
+
+def slow_id(x):
+    time.sleep(0.05)
+    return x
+
+
+def test_a_killed_agent_is_a_lost_node_and_its_work_moves_elsewhere():
+    from dragon_nb.native.machine import System
+    with dragon_nb.start(nodes=2) as rt:
+        with dragon_nb.Pool(2) as p:
+            assert sorted(h.node for h in p._pool) == [0, 1]
+            pending = p.map_async(slow_id, range(60), chunksize=1)
+            time.sleep(0.3)
+            agent = next(n["agent_pid"] for n in rt.nodes() if n["id"] == 1)
+            os.kill(agent, signal.SIGKILL)
+            assert pending.get(timeout=30) == list(range(60))
+            assert {h.node for h in p._pool} == {0}      # replacements on the live node
+            assert p.map(abs, [-1]) == [1]
+        assert System().nnodes == 1
+        lost = [n for n in rt.nodes(refresh=True) if not n["alive"]]
+        assert [n["id"] for n in lost] == [1]
+    dragon_nb.stop()
