@@ -1,9 +1,9 @@
 """The seed page's examples 1, 2, 3 and 5, run as a user would run them.
 
 The scripts live in tests/seed/: ``exN_*.py`` (``import dragon_nb``) run with
-``python exN_*.py``, and ``dragon_exN.py`` (the original ``import dragon``)
-run with ``dragon-nb run dragon_exN.py --nodes 2``. They differ from the seed
-only by ``# seed fix:`` and ``# added for the test`` lines.
+``python exN_*.py``; the same file with its imports turned back into Dragon's
+(``import dragon``) runs with ``dragon-nb run ... --nodes 2``. They differ from
+the seed only by ``# seed fix:`` and ``# added for the test`` lines.
 
 Each run happens in a fresh directory holding a few generated text files
 (the examples glob '.'), with its own DRAGON_NB_TMPDIR so that the test can
@@ -89,6 +89,13 @@ def run(cmd, data, rtdir, env, extra_env=None) -> subprocess.CompletedProcess:
     return proc
 
 
+def dragon_script(script: str, data: str) -> str:
+    """The example as a Dragon user has it: the same file, Dragon's imports."""
+    path = Path(data).parent / f"dragon_{script}"
+    path.write_text(re.sub(r"\bdragon_nb\b", "dragon", (SEED / script).read_text()))
+    return str(path)
+
+
 def describe(proc) -> str:
     return f"exit code {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
 
@@ -107,13 +114,11 @@ def check_results(proc, data):
     assert proc.stdout.strip().splitlines()[-1] == want, describe(proc)
 
 
-EXAMPLES = [("ex1_read_then_map.py", "dragon_ex1.py"),
-            ("ex2_lazy_imap.py", "dragon_ex2.py"),
-            ("ex3_shared_fs_map.py", "dragon_ex3.py")]
+EXAMPLES = ["ex1_read_then_map.py", "ex2_lazy_imap.py", "ex3_shared_fs_map.py"]
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("script", [e[0] for e in EXAMPLES])
+@pytest.mark.parametrize("script", EXAMPLES)
 def test_files_example_with_python(script, workdir, env_with_pkg):
     data, rtdir = workdir
     proc = run([PYTHON, str(SEED / script)], data, rtdir, env_with_pkg)
@@ -121,10 +126,10 @@ def test_files_example_with_python(script, workdir, env_with_pkg):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("script", [e[1] for e in EXAMPLES])
+@pytest.mark.parametrize("script", EXAMPLES)
 def test_files_example_with_dragon_nb_run(script, workdir, env_with_pkg):
     data, rtdir = workdir
-    proc = run([*dragon_nb_command(), "run", str(SEED / script), "--nodes", "2"],
+    proc = run([*dragon_nb_command(), "run", dragon_script(script, data), "--nodes", "2"],
                data, rtdir, env_with_pkg)
     check_results(proc, data)
 
@@ -229,7 +234,7 @@ def test_pipeline_example_with_dragon_nb_run(placement, workdir, env_with_pkg):
     must give the runtime the options (and not the script)."""
     data, rtdir = workdir
     opts = ["--nodes", str(EX5_NODES), "--cpus-per-node", str(EX5_CPUS_PER_NODE)]
-    script = [str(SEED / "dragon_ex5.py")]
+    script = [dragon_script("ex5_socket_pipeline.py", data)]
     args = script + opts if placement == "options_after_script" else opts + script
     server = OneShotServer()
     try:
