@@ -169,3 +169,41 @@ def test_bad_stages_are_refused():
         stage(42)
     with pytest.raises(ValueError, match="workers"):
         stage(inc, workers=0)
+
+
+def test_an_interrupt_while_iterating_stops_every_stage(runtime):
+    import threading
+    pipe = Pipeline(itertools.count(), stage(inc), stage(slow_double))
+    pids = [p for _, _, p in pipe.procs]
+    timer = threading.Timer(0.5, signal.pthread_kill,
+                            (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        for _ in pipe:
+            pass
+    deadline = time.monotonic() + 5
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+        time.sleep(0.05)
+    assert not alive
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_a_long_stream_keeps_the_callers_memory_flat(runtime):
+    import psutil
+    me = psutil.Process()
+    with Pipeline(range(300_000), stage(inc), stage(double)) as pipe:
+        samples = []
+        for i, _ in enumerate(pipe):
+            if i % 50_000 == 0:
+                samples.append(me.memory_info().rss)
+    # after warm-up the caller holds only the bounded queues: growth stays small
+    assert max(samples[1:]) - samples[1] < 20 << 20, [s >> 20 for s in samples]

@@ -439,3 +439,15 @@ def test_a_task_error_names_the_function_and_the_input_item(runtime):
             p.map(fail_on_seven, range(20), chunksize=3)
         if sys.version_info >= (3, 11):
             assert "dragon-nb: raised by fail_on_seven() on input item 7" in info.value.__notes__
+
+
+def test_chained_imap_keeps_the_callers_memory_flat(runtime):
+    import psutil
+    me = psutil.Process()
+    with Pool(1) as a, Pool(1) as b:
+        samples = []
+        for i, _ in enumerate(b.imap(square, a.imap(square, range(150_000)))):
+            if i % 30_000 == 0:
+                samples.append(me.memory_info().rss)
+    # both windows are bounded: after warm-up the caller's memory barely moves
+    assert max(samples[1:]) - samples[1] < 20 << 20, [s >> 20 for s in samples]
