@@ -13,7 +13,6 @@ Items are batched on the wire, the batch growing with the measured rate.
 """
 from __future__ import annotations
 
-import itertools
 import signal
 import threading
 import time
@@ -177,9 +176,15 @@ class Pipeline:
             while not self._closed:
                 size = max(1, min(MAX_BATCH, int(self._rate * BATCH_TARGET_S)))
                 batch = []
-                try:
-                    for item in itertools.islice(it, size):
-                        batch.append(item)
+                began = time.monotonic()
+                exhausted = False
+                try:                 # up to `size` items, but never sit on a slow source's
+                    while len(batch) < size:          # items longer than a batch's worth
+                        batch.append(next(it))
+                        if time.monotonic() - began > BATCH_TARGET_S:
+                            break
+                except StopIteration:
+                    exhausted = True
                 except Exception as e:          # the source failed: after the items before it
                     from dragon_nb.pipeline.stage_worker import StageFailure
                     self.source_failure = StageFailure(-1, "source", start + len(batch), 0, e)
@@ -194,7 +199,7 @@ class Pipeline:
                     seq += 1
                     start += len(batch)
                     self.items_sent = start
-                if len(batch) < size or self.source_failure is not None:
+                if exhausted or self.source_failure is not None:
                     self.total_batches = seq
                     return
         except Exception as e:                  # pickling an item failed, say

@@ -80,7 +80,9 @@ class StageWorker:
         values, failures = S.loads(payload, bufs)
         start = body["start"]
         out = []
-        self.counters.set(RUNNING, 1)
+        self.items_in += len(values)
+        self.counters.set(ITEMS, self.items_in)   # in: counted on arrival
+        self.counters.set(RUNNING, len(values))
         self.counters.publish()
         for i, value in enumerate(values):
             if i in failures:
@@ -97,9 +99,7 @@ class StageWorker:
                 if i not in failures:
                     into[self.key(start + i, value)] = value
             out = [None] * len(out)
-        self.items_in += len(values)
         self.items_out += len(values)
-        self.counters.set(ITEMS, self.items_in)
         self.counters.set(DONE, self.items_out)
         self.counters.set(RUNNING, 0)
         self.counters.publish()

@@ -212,10 +212,10 @@ class Dispatcher:
     def _spawn(self, count: int):
         procs = self.runtime.spawn(WORKER_ENTRY, self.spec, count, self.owner, nodes=self.nodes)
         self.spawned += len(procs)
-        for node, pid in procs:
+        for node, pid in sorted(procs):
             w = WorkerState(node, pid)
             self.workers[w.wid] = w
-        self.handles = [w.handle for w in self.workers.values() if w.exit_deadline is None]
+        self._update_handles()
 
     def _live_count(self) -> int:
         return sum(1 for w in self.workers.values() if w.exit_deadline is None)
@@ -239,7 +239,12 @@ class Dispatcher:
         w.handle._alive = False
         grace = EXIT_GRACE_S if (code == 0 and w.outstanding) else 0.0
         w.exit_deadline = time.monotonic() + grace
-        self.handles = [x.handle for x in self.workers.values() if x.exit_deadline is None]
+        self._update_handles()
+
+    def _update_handles(self):
+        """``Pool._pool``: the live workers, by node then pid."""
+        live = [w for w in self.workers.values() if w.exit_deadline is None]
+        self.handles = [w.handle for w in sorted(live, key=lambda w: (w.node, w.pid))]
 
     def _reap_exited(self):
         now = time.monotonic()
@@ -420,7 +425,14 @@ class Dispatcher:
     def _on_output(self, w: WorkerState, body):
         """Worker prints, each line prefixed with where it came from."""
         prefix = f"[node{w.node} pid{w.pid}] "
+        merged: list = []                 # adjacent writes of one job and stream, joined
         for job, stream, text in body.get("lines", ()):
+            if merged and merged[-1][0] == job and merged[-1][1] == stream:
+                merged[-1][2].append(text)
+            else:
+                merged.append((job, stream, [text]))
+        for job, stream, texts in merged:
+            text = "".join(texts)
             key = (w.wid, stream)
             out = []
             for piece in text.splitlines(keepends=True):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import pickle
-import reprlib
 import threading
 import warnings
 import weakref
@@ -38,9 +37,10 @@ def _chunksize(chunksize, chunk_size, default):
     return default if chunksize is _UNSET else chunksize
 
 
-def _pickle_failed(e: Exception, what: str):
-    """Re-raise a pickling failure with a message that names what failed."""
-    msg = f"{what} cannot be pickled to send to the pool workers: {e}"
+def _pickle_failed(e: Exception, what: str, explained: bool = False):
+    """Re-raise a pickling failure with a message that names what failed
+    (``explained``: ``what`` is already the whole message)."""
+    msg = what if explained else f"{what} cannot be pickled to send to the pool workers: {e}"
     if isinstance(e, (TypeError, pickle.PicklingError, AttributeError)):
         try:
             new = type(e)(msg)
@@ -61,7 +61,7 @@ def _dumps_func(func) -> tuple[str, bytes]:
     except Exception as e:
         why = S.describe_unpicklable(func)
         name = getattr(func, "__qualname__", repr(func))
-        _pickle_failed(e, why or f"the function {name!r}")
+        _pickle_failed(e, why or f"the function {name!r}", explained=why is not None)
     return func_id(blob), blob
 
 
@@ -75,8 +75,9 @@ def _dumps_chunk(items, func, offset=0, encoder=None):
                 try:
                     S.dumps_work(item)
                 except Exception:
-                    culprit = (f"item {offset + i} of the input "
-                               f"({type(item).__name__}: {reprlib.repr(item)})")
+                    text = repr(item)
+                    text = text if len(text) <= 60 else text[:57] + "..."
+                    culprit = f"item {offset + i} of the input ({type(item).__name__}: {text})"
                     break
         name = getattr(func, "__qualname__", repr(func))
         _pickle_failed(e, f"{culprit} for {name}()")
@@ -109,8 +110,9 @@ class Pool:
             try:
                 S.dumps_inline((initializer, tuple(initargs)))
             except Exception as e:
-                _pickle_failed(e, S.describe_unpicklable(initializer) or
-                               "the initializer or its initargs")
+                why = S.describe_unpicklable(initializer)
+                _pickle_failed(e, why or "the initializer or its initargs",
+                               explained=why is not None)
             init_blob = S.dumps_inline((initializer, tuple(initargs)))
         self._runtime = runtime or get_runtime()
         if processes is None:

@@ -53,6 +53,9 @@ class ApplyResult:
         except KeyboardInterrupt:
             self._cancel_job(self._job)
             raise
+        progress = getattr(self, "_progress", None)
+        if progress is not None and self._event.is_set():
+            progress.close_views()       # the caller has the result: views show it now
 
     def get(self, timeout=None):
         self.wait(timeout)

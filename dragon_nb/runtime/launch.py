@@ -31,10 +31,17 @@ def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
     libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
+IPC_PATH_MAX = 107          # sun_path; our socket names add up to ~40 characters
+
+
 def make_runtime_dir() -> str:
     """A private (0700) directory for this runtime's ipc sockets and files."""
     base = os.environ.get("DRAGON_NB_TMPDIR") or tempfile.gettempdir()
     path = os.path.join(base, f"dnb-{os.getuid()}-{uuid.uuid4().hex[:10]}")
+    if len(path) + 40 > IPC_PATH_MAX:
+        raise ValueError(f"the runtime directory {path!r} is too long for ipc socket paths "
+                         f"(at most {IPC_PATH_MAX - 40} characters): set DRAGON_NB_TMPDIR "
+                         f"to a shorter folder, such as /tmp")
     os.mkdir(path, 0o700)
     return path
 

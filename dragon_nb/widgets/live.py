@@ -19,6 +19,13 @@ from dragon_nb.widgets.view import RateMeter, fmt_bytes, node_rows, rows_html
 REFRESH_S = 0.25
 
 
+def _close_all(widget) -> None:
+    """Close a widget and everything in it (their models live in the kernel)."""
+    for child in getattr(widget, "children", ()):
+        _close_all(child)
+    widget.close()
+
+
 class _NodeLine:
     """One node's row of widgets."""
 
@@ -112,6 +119,18 @@ class CallWidget(_LiveView):
         rows = node_rows(self.monitor.snapshot(), owner=self.pool.owner,
                          call_by_node=dict(self.progress.by_node), nodes=self.progress.nodes)
         self.rates.update(rows)
+        static = {n["id"]: n for n in self.runtime.nodes()}
+        workers = {}
+        for h in self.pool._pool:
+            workers[h.node] = workers.get(h.node, 0) + 1
+        for row in rows:                 # no telemetry from a node yet: what is known
+            info = static.get(row.node, {})
+            if row.host == "?":
+                row.host = info.get("hostname", "?")
+            if not row.physical_mem:
+                row.physical_mem = info.get("physical_mem", 0)
+            if not row.workers:
+                row.workers = workers.get(row.node, 0)
         if self.progress.finished:      # nothing of this call runs or waits any more;
             for row in rows:            # telemetry may not have caught up yet
                 row.running = row.queued = 0
@@ -148,7 +167,7 @@ class CallWidget(_LiveView):
         try:
             self.refresh()
             self.handle.update(HTML(rows_html(self.header(), self.rows())))
-            self.widget.close()
+            _close_all(self.widget)
         finally:
             super().finish()
 
@@ -242,6 +261,6 @@ class PipelineWidget:
                 f"<div class='dragon-nb'><b>pipeline: {self.pipe.items_sent} items</b><table>"
                 f"<tr><th>stage</th><th>function</th><th>in</th><th>out</th></tr>{rows}"
                 f"</table></div>"))
-            self.widget.close()
+            _close_all(self.widget)
         finally:
             self.monitor.close()
