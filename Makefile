@@ -36,6 +36,7 @@ test: $(STAMP) chromium
 bench: $(STAMP)
 	$(PY) benchmarks/bench_pool.py
 	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_ddict.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

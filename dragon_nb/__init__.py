@@ -3,10 +3,14 @@ pipelines) on a node runtime that starts behind a notebook kernel or script."""
 from dragon_nb.runtime import Runtime, get_runtime, start, stop
 from dragon_nb.pool import Pool, PoolBrokenError, WorkerLostError
 from dragon_nb.machine import Node, System
+from dragon_nb.pipeline import Pipeline, PipelineError, on_node, stage
+from dragon_nb.ddict import DDict, DDictError, DDictKeyError, DDictFullError, DDictTimeoutError
 
 __version__ = "0.1.0"
 __all__ = ["Runtime", "start", "stop", "get_runtime", "Pool", "PoolBrokenError",
-           "WorkerLostError", "System", "Node", "cpu_count", "current_process"]
+           "WorkerLostError", "System", "Node", "cpu_count", "current_process",
+           "DDict", "DDictError", "DDictKeyError", "DDictFullError", "DDictTimeoutError",
+           "Pipeline", "PipelineError", "stage", "on_node"]
 
 
 def cpu_count() -> int:

@@ -5,6 +5,8 @@
     %dragon progress on|off
     %dragon map FUNC ITERABLE [--chunksize N] [--processes P] [-o NAME] [--no-progress]
     %%dragon pipeline [-o NAME] [--unordered]     (stages in the cell body)
+    %dragon ddict create NAME [--managers-per-node M] [--ddict-nodes N] [--mem SIZE]
+    %dragon ddict list | show NAME | destroy NAME
 """
 from __future__ import annotations
 
@@ -32,9 +34,12 @@ class DragonMagics(Magics):
     started_here = False
 
     @magic_arguments()
-    @argument("action", choices=["start", "stop", "restart", "status", "nodes", "progress", "map"],
+    @argument("action", choices=["start", "stop", "restart", "status", "nodes", "progress", "map",
+                                 "ddict"],
               help="what to do")
-    @argument("rest", nargs="*", help="for progress: on|off; for map: FUNC ITERABLE")
+    @argument("rest", nargs="*",
+              help="for progress: on|off; for map: FUNC ITERABLE; for ddict: create|list|show|"
+                   "destroy NAME")
     @argument("--nodes", type=int, default=None, help="virtual nodes to start (default 1)")
     @argument("--workers-per-node", type=int, default=None,
               help="default Pool workers per node (default: the node's cores)")
@@ -44,6 +49,10 @@ class DragonMagics(Magics):
     @argument("--processes", type=int, default=None, help="map: pool size (default: all cores)")
     @argument("-o", "--output", default=None, help="map: name to bind the result list to")
     @argument("--no-progress", action="store_true", help="map: no progress widget")
+    @argument("--managers-per-node", type=int, default=None, help="ddict create: (default 1)")
+    @argument("--ddict-nodes", type=int, default=None,
+              help="ddict create: nodes to spread it over (default: all)")
+    @argument("--mem", default="256MiB", help="ddict create: total budget, e.g. 512MiB, 2GiB")
     @line_magic
     def dragon(self, line):
         """Control the dragon-nb runtime behind this kernel.
@@ -64,7 +73,8 @@ class DragonMagics(Magics):
         except UsageError as e:
             print(f"UsageError: {e}")
             return None
-        for opt in ("nodes", "workers_per_node", "cpus_per_node", "processes", "chunksize"):
+        for opt in ("nodes", "workers_per_node", "cpus_per_node", "processes", "chunksize",
+                    "managers_per_node", "ddict_nodes"):
             value = getattr(args, opt)
             if value is not None and value < 1:
                 print(f"UsageError: --{opt.replace('_', '-')} must be at least 1, not {value}")
@@ -149,6 +159,68 @@ class DragonMagics(Magics):
         print(f"{len(result)} results in {args.output or '_dragon_map'}")
         return None
 
+    # -- ddict ---------------------------------------------------------------------
+    ddicts: dict = {}          # name -> DDict made by %dragon ddict create
+
+    def _ddict(self, args):
+        usage = ("UsageError: %dragon ddict create NAME [--managers-per-node M] "
+                 "[--ddict-nodes N] [--mem SIZE] | list | show NAME | destroy NAME")
+        if not args.rest:
+            print(usage)
+            return None
+        sub, names = args.rest[0], args.rest[1:]
+        if sub == "list":
+            if not self.ddicts:
+                print("no DDict made here (make one with %dragon ddict create NAME)")
+            for name, d in self.ddicts.items():
+                try:
+                    stats = d.stats
+                    print(f"{name}: {sum(s.num_keys for s in stats)} keys, "
+                          f"{sum(s.total_used_bytes for s in stats)} bytes used of "
+                          f"{sum(s.total_bytes for s in stats)}, {len(stats)} manager(s)")
+                except Exception as e:          # destroyed, or its runtime stopped
+                    print(f"{name}: unavailable ({e})")
+            return None
+        if sub not in ("create", "show", "destroy") or len(names) != 1:
+            print(usage)
+            return None
+        name = names[0]
+        if sub == "create":
+            try:
+                size = parse_size(args.mem)
+            except ValueError as e:
+                print(f"UsageError: {e}")
+                return None
+            if not name.isidentifier():
+                print(f"UsageError: {name!r} is not a valid Python name")
+                return None
+            from dragon_nb.ddict import DDict
+            rt = get_runtime()
+            nodes = args.ddict_nodes or len(rt.nodes())
+            d = DDict(args.managers_per_node or 1, nodes, size, name=name)
+            self.ddicts[name] = d
+            self.shell.user_ns[name] = d
+            print(f"DDict {name!r}: {(args.managers_per_node or 1) * nodes} manager(s) on "
+                  f"{nodes} node(s), {size} bytes in all; bound to {name}")
+            return None
+        d = self.ddicts.get(name) or self.shell.user_ns.get(name)
+        if d is None:
+            print(f"NameError: no DDict named {name!r}")
+            return None
+        if sub == "destroy":
+            d.destroy()
+            self.ddicts.pop(name, None)
+            print(f"DDict {name!r} destroyed")
+            return None
+        if in_kernel(self.shell):
+            from dragon_nb.widgets.live import DDictWidget
+            DDictWidget(d, name).start()
+        else:
+            for st in d.stats:
+                print(f"manager {st.manager_id} on node {st.node}: {st.num_keys} keys, "
+                      f"{st.total_used_bytes} of {st.total_bytes} bytes")
+        return None
+
     @magic_arguments()
     @argument("what", choices=["pipeline"], help="what the cell defines")
     @argument("-o", "--output", default="_dragon_pipeline", help="name for the result list")
@@ -185,6 +257,21 @@ class DragonMagics(Magics):
         self.shell.user_ns[args.output] = result
         print(f"{len(result)} results in {args.output}")
         return None
+
+
+def parse_size(text: str) -> int:
+    """'512MiB', '2GiB', '1000000' -> bytes."""
+    units = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
+             "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9}
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    try:
+        value = float(num) * units[t[len(num):]]
+    except (KeyError, ValueError):
+        raise ValueError(f"not a size: {text!r} (say 512MiB or 2GiB)") from None
+    if value <= 0:
+        raise ValueError(f"a size must be positive, not {text!r}")
+    return int(value)
 
 
 PIPELINE_HELP = """%%dragon pipeline [-o NAME] [--unordered] [--queue-depth N]

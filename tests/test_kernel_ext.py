@@ -87,3 +87,24 @@ def test_map_magic_binds_the_result_and_names_what_is_missing(ip, capsys):
     ip.run_line_magic("dragon", "start --bogus")
     assert "UsageError" in capsys.readouterr().out
     dragon_nb.stop()
+
+
+def test_ddict_magics_create_list_show_and_destroy(ip, capsys):
+    ip.run_line_magic("load_ext", "dragon_nb")
+    ip.run_line_magic("dragon", "start --nodes 2")
+    capsys.readouterr()
+    ip.run_line_magic("dragon", "ddict create results --managers-per-node 1 --mem 64MiB")
+    assert "2 manager(s) on 2 node(s)" in capsys.readouterr().out
+    ip.run_cell("results['a'] = 1\nresults['b'] = b'x' * 100")
+    ip.run_line_magic("dragon", "ddict list")
+    assert "results: 2 keys" in capsys.readouterr().out
+    ip.run_line_magic("dragon", "ddict show results")
+    out = capsys.readouterr().out
+    assert "manager 0 on node 0" in out and "manager 1 on node 1" in out
+    ip.run_line_magic("dragon", "ddict show nothing_here")
+    assert "no DDict named 'nothing_here'" in capsys.readouterr().out
+    ip.run_line_magic("dragon", "ddict create big --mem lots")
+    assert "not a size" in capsys.readouterr().out
+    ip.run_line_magic("dragon", "ddict destroy results")
+    assert "destroyed" in capsys.readouterr().out
+    dragon_nb.stop()

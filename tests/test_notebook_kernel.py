@@ -156,3 +156,25 @@ def test_pipeline_cell_shows_live_per_stage_figures(kernel):
     assert len(set(values)) >= 3, values
     finals = [m for _, m in msgs if m["msg_type"] == "update_display_data"]
     assert finals and "pipeline: 120 items" in finals[-1]["content"]["data"]["text/html"]
+
+
+def test_ddict_view_updates_live_with_keys_and_bytes_per_node(kernel):
+    km, kc = kernel
+    assert execute(kc, SETUP)[0]["status"] == "ok"
+    code = ("%dragon ddict create store --mem 64MiB\n"
+            "%dragon ddict show store\n"
+            "for i in range(12):\n"
+            "    store[i] = b'x' * 200_000\n"
+            "    time.sleep(0.1)\n"
+            "time.sleep(0.6)\n")
+    reply, msgs = execute(kc, code)
+    assert reply["status"] == "ok", reply
+    values = [m["content"]["data"]["state"]["value"] for _, m in msgs
+              if m["msg_type"] == "comm_msg"
+              and m["content"]["data"].get("method") == "update"
+              and "value" in m["content"]["data"].get("state", {})]
+    assert len(set(values)) >= 3, values        # the bytes bars filled while the cell ran
+    titles = [m["content"]["data"]["state"]["value"] for _, m in msgs
+              if m["msg_type"] == "comm_msg"
+              and "DDict store</b>: 12 keys" in str(m["content"]["data"].get("state", {}))]
+    assert titles

@@ -207,3 +207,13 @@ def test_a_long_stream_keeps_the_callers_memory_flat(runtime):
                 samples.append(me.memory_info().rss)
     # after warm-up the caller holds only the bounded queues: growth stays small
     assert max(samples[1:]) - samples[1] < 20 << 20, [s >> 20 for s in samples]
+
+
+def test_a_pipeline_drains_into_a_ddict_without_passing_through_the_caller(runtime):
+    from dragon_nb import DDict
+    with DDict(1, 2, 64 << 20) as d:
+        with Pipeline(range(100), stage(inc), stage(double, workers=2), into=d) as pipe:
+            assert pipe.run() == 100
+        assert len(d) == 100
+        assert d[7] == 16 and sorted(d.keys()) == list(range(100))
+        d.destroy()

@@ -166,3 +166,18 @@ def test_a_killed_agent_is_a_lost_node_and_its_work_moves_elsewhere():
         lost = [n for n in rt.nodes(refresh=True) if not n["alive"]]
         assert [n["id"] for n in lost] == [1]
     dragon_nb.stop()
+
+
+def test_a_forked_child_leaves_its_parents_runtime_alone():
+    import multiprocessing
+    rt = dragon_nb.start(nodes=1)
+    rundir = rt.rundir
+    del rt                                 # only the module keeps it: a child may not end it
+    child = multiprocessing.get_context("fork").Process(target=print, args=("child",))
+    child.start()
+    child.join(10)
+    assert child.exitcode == 0
+    assert os.path.isdir(rundir)
+    with dragon_nb.Pool(1) as p:
+        assert p.apply(abs, (-2,)) == 2
+    dragon_nb.stop()

@@ -1,1 +1,4 @@
-"""Aliases that mirror Dragon's ``dragon.data`` package (DDict lands with its issue)."""
+"""Aliases that mirror Dragon's ``dragon.data`` package."""
+from dragon_nb.data.ddict import DDict
+
+__all__ = ["DDict"]

@@ -83,7 +83,7 @@ class Runtime:
         self.events_address = reply["events"]
         self._nodes = reply["nodes"]
         self._finalizer = weakref.finalize(self, _finalize, self._proc, self._lifeline,
-                                           self.rundir)
+                                           self.rundir, 5.0, self.pid)
 
     # -- requests -----------------------------------------------------------------
     def request(self, op: str, timeout: float | None = None, **body) -> dict:
@@ -171,7 +171,7 @@ class Runtime:
         if getattr(self, "_chan", None) is not None and os.getpid() == self.pid:
             self._chan.close(linger=0)
         proc = getattr(self, "_proc", None)
-        _finalize(proc, getattr(self, "_lifeline", None), self.rundir, timeout)
+        _finalize(proc, getattr(self, "_lifeline", None), self.rundir, timeout, self.pid)
         self._lifeline = None
 
     def __enter__(self):
@@ -185,7 +185,9 @@ class Runtime:
         return f"<dragon_nb.Runtime {state} nodes={self.n_nodes} dir={self.rundir}>"
 
 
-def _finalize(proc, lifeline, rundir, timeout: float = 5.0):
+def _finalize(proc, lifeline, rundir, timeout: float = 5.0, owner_pid: int | None = None):
+    if owner_pid is not None and os.getpid() != owner_pid:
+        return          # a forked child: the runtime is its parent's, not its to end
     if lifeline is not None:
         try:
             os.close(lifeline)

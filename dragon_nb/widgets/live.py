@@ -264,3 +264,46 @@ class PipelineWidget:
             _close_all(self.widget)
         finally:
             self.monitor.close()
+
+
+class DDictWidget(_LiveView):
+    """A DDict's keys and bytes per node, live from the managers' telemetry."""
+
+    def __init__(self, ddict, name: str = ""):
+        self.ddict = ddict
+        self.name = name or ddict.get_name() or ddict.owner
+        self.budget_per_node: dict = {}
+        for st in ddict.stats:
+            self.budget_per_node[st.node] = self.budget_per_node.get(st.node, 0) + st.total_bytes
+        super().__init__(getattr(ddict, "_runtime", None) or _current_runtime(),
+                         f"DDict {self.name}")
+        self.bars: dict = {}
+
+    def refresh(self):
+        snap = self.monitor.snapshot()
+        total_keys = total_bytes = 0
+        for node, budget in sorted(self.budget_per_node.items()):
+            o = snap.get(node, {}).get("owners", {}).get(self.ddict.owner, {})
+            keys, used = o.get("keys", 0), o.get("bytes", 0)
+            total_keys += keys
+            total_bytes += used
+            if node not in self.bars:
+                bar = W.FloatProgress(min=0, max=1, value=0, description=f"node {node}",
+                                      bar_style="success", layout=W.Layout(width="320px"))
+                text = W.HTML("")
+                self.bars[node] = (bar, text)
+                self.rows_box.children = [W.HBox(list(self.bars[n])) for n in sorted(self.bars)]
+            bar, text = self.bars[node]
+            bar.value = min(1.0, used / budget) if budget else 0.0
+            text.value = f"{keys} keys · {fmt_bytes(used)} of {fmt_bytes(budget)}"
+        self.title.value = (f"<b>DDict {self.name}</b>: {total_keys} keys, "
+                            f"{fmt_bytes(total_bytes)} in {len(self.budget_per_node)} node(s)")
+
+    def done(self) -> bool:
+        life = getattr(self.ddict, "_life", None)
+        return not self.runtime.alive or bool(life is not None and life.destroyed)
+
+
+def _current_runtime():
+    from dragon_nb.runtime import get_runtime
+    return get_runtime()

@@ -57,7 +57,7 @@ PIPE_END = b"pe"      # node source -> caller: {"batches", "items"} + pickled fa
 # are opaque bytes to it. Requests go to the manager's zmq ROUTER; on the same
 # host, small synchronous ones may take its SOCK_SEQPACKET *lane* instead (one
 # datagram per message, at most DD_LANE_MAX bytes, never buffer frames), which
-# costs one wake-up each way instead of zmq's four.
+# wakes one thread each way instead of zmq's three.
 DD_REQUEST = struct.Struct("<BBBxIIIq")
 DD_REPLY = struct.Struct("<BBxxIIq")
 DD_ENTRY = struct.Struct("<IIIBBxx")   # one put of a DD_BATCH: klen, inline len, nbufs, vflags, flags

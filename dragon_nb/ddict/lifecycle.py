@@ -1,0 +1,128 @@
+"""A DDict's managers: placing and starting them on the nodes, and reaping them.
+
+``start_managers`` asks the runtime to fork ``managers_per_node`` managers on
+each chosen node (one spawn request per node, so ``ctx.index`` runs 0.. on
+every node and each manager's addresses follow from its node and index), waits
+until every one answers, and returns the state a handle carries: per manager
+``[id, node, hostname, zmq address, lane path, pid, start time]``. If anything
+fails, the managers already started are killed.
+"""
+from __future__ import annotations
+
+import pickle
+import signal
+import uuid
+
+import psutil
+
+from dragon_nb.ddict import connection as C
+from dragon_nb.ddict.errors import DDictError
+from dragon_nb.wire import protocol as P
+
+MANAGER_ENTRY = "dragon_nb.ddict.manager:main"
+EXIT_WAIT_S = 2.0            # destroy: how long managers get to exit before SIGKILL
+
+# Dragon's constructor options: those that only tune Dragon's implementation are
+# accepted and ignored; the others must keep their default (no checkpoints here).
+_IGNORED_OPTIONS = {"trace", "streams_per_manager", "manager_pool_full_thresh",
+                    "persister_class", "orc_policy"}
+_DEFAULT_ONLY_OPTIONS = {"working_set_size": 1, "wait_for_keys": False,
+                         "wait_for_writers": False, "policy": None, "managers_per_policy": 1,
+                         "persist_freq": 0, "restart": False, "read_only": False,
+                         "restore_from": None, "persist_count": 0, "persist_path": ""}
+
+
+def check_options(options: dict) -> None:
+    for k, v in options.items():
+        if k in _IGNORED_OPTIONS:
+            continue
+        if k not in _DEFAULT_ONLY_OPTIONS:
+            raise TypeError(f"DDict() got an unexpected keyword argument {k!r}")
+        if v != _DEFAULT_ONLY_OPTIONS[k]:
+            raise NotImplementedError(f"DDict({k}={v!r}) is not supported by dragon-nb "
+                                      f"(no checkpoints, persistence or policies)")
+
+
+def _choose_nodes(rt, n_nodes: int, nodes) -> tuple[list, dict]:
+    """-> (node ids, {node id: hostname})."""
+    live = sorted((n for n in rt.nodes(refresh=True) if n.get("alive", True)),
+                  key=lambda n: n["id"])
+    hostnames = {n["id"]: n["hostname"] for n in live}
+    if nodes is None:
+        if n_nodes > len(live):
+            raise ValueError(f"n_nodes={n_nodes}, but the runtime has {len(live)} "
+                             f"live node(s)")
+        return [n["id"] for n in live[:n_nodes]], hostnames
+    nodes = list(nodes)
+    if not nodes or len(set(nodes)) != len(nodes) or any(n not in hostnames for n in nodes):
+        raise ValueError(f"nodes={nodes!r}: give distinct ids of live nodes "
+                         f"{sorted(hostnames)}")
+    return nodes, hostnames
+
+
+def start_managers(rt, managers_per_node: int, n_nodes: int, total_mem: int, *,
+                   name: str, timeout, nodes, ping_timeout: float):
+    """Start and ping the managers -> (handle state, this process's Connection)."""
+    for what, v in (("managers_per_node", managers_per_node), ("n_nodes", n_nodes),
+                    ("total_mem", total_mem)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{what} must be a positive integer, not {v!r}")
+    nodes, hostnames = _choose_nodes(rt, n_nodes, nodes)
+    count = managers_per_node * len(nodes)
+    budget = total_mem // count
+    if budget < 1:
+        raise ValueError(f"total_mem={total_mem} cannot be shared by {count} managers")
+    owner = f"ddict-{uuid.uuid4().hex[:12]}"
+    prefix = f"{rt.rundir}/{owner}"
+    tombstone = f"{prefix}.destroyed"
+    managers: list = []
+    try:
+        for pos, node in enumerate(nodes):
+            spec = pickle.dumps({"first_id": pos * managers_per_node,
+                                 "prefix": f"{prefix}-{node}", "budget": budget,
+                                 "name": name, "tombstone": tombstone}, 5)
+            procs = rt.spawn(MANAGER_ENTRY, spec, managers_per_node, owner, nodes=[node])
+            for index, (n, pid) in enumerate(procs):
+                base = f"{prefix}-{node}-{index}"
+                managers.append([pos * managers_per_node + index, n, hostnames[n],
+                                 "ipc://" + base, base + ".lane", pid, _start_time(pid)])
+        conn = C.connection_for(owner, managers, name, tombstone)
+        for mid, rep in enumerate(conn.request_many(range(count), P.DD_PING,
+                                                    timeout=ping_timeout)):
+            if rep.status != P.DDS_OK:
+                raise DDictError(f"DDict manager {mid} failed to start")
+    except BaseException:
+        kill_managers(rt, managers)
+        raise
+    state = {"owner": owner, "name": name, "timeout": timeout, "managers": managers,
+             "tombstone": tombstone, "budget": budget,
+             "managers_per_node": managers_per_node}
+    return state, conn
+
+
+def kill_managers(rt, managers) -> None:
+    if managers and rt.alive:
+        try:
+            rt.kill([(m[1], m[5]) for m in managers], signal.SIGKILL)
+        except Exception:
+            pass
+
+
+def reap_managers(rt, managers) -> None:
+    """After DD_DESTROY: wait for the managers to exit; SIGKILL the late ones."""
+    procs = []
+    for m in managers:
+        try:
+            procs.append(psutil.Process(m[5]))
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=EXIT_WAIT_S)
+    late = {p.pid for p in alive}
+    kill_managers(rt, [m for m in managers if m[5] in late])
+
+
+def _start_time(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
