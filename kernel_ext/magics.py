@@ -169,10 +169,14 @@ class DragonMagics(Magics):
             print(usage)
             return None
         sub, names = args.rest[0], args.rest[1:]
+        from dragon_nb.ddict import DDict
         if sub == "list":
-            if not self.ddicts:
-                print("no DDict made here (make one with %dragon ddict create NAME)")
-            for name, d in self.ddicts.items():
+            found = dict(self.ddicts)           # made here, and any in the namespace
+            found.update((k, v) for k, v in self.shell.user_ns.items()
+                         if isinstance(v, DDict) and not k.startswith("_"))
+            if not found:
+                print("no DDict in this notebook (make one with %dragon ddict create NAME)")
+            for name, d in sorted(found.items()):
                 try:
                     stats = d.stats
                     print(f"{name}: {sum(s.num_keys for s in stats)} keys, "
@@ -194,10 +198,17 @@ class DragonMagics(Magics):
             if not name.isidentifier():
                 print(f"UsageError: {name!r} is not a valid Python name")
                 return None
-            from dragon_nb.ddict import DDict
             rt = get_runtime()
             nodes = args.ddict_nodes or len(rt.nodes())
-            d = DDict(args.managers_per_node or 1, nodes, size, name=name)
+            try:
+                d = DDict(args.managers_per_node or 1, nodes, size, name=name)
+            except ValueError as e:
+                print(f"UsageError: {e}")
+                return None
+            old = self.ddicts.pop(name, None)
+            if old is not None:                  # the name is taken: the old one goes
+                old.destroy()
+                print(f"the previous DDict {name!r} was destroyed")
             self.ddicts[name] = d
             self.shell.user_ns[name] = d
             print(f"DDict {name!r}: {(args.managers_per_node or 1) * nodes} manager(s) on "
@@ -206,6 +217,9 @@ class DragonMagics(Magics):
         d = self.ddicts.get(name) or self.shell.user_ns.get(name)
         if d is None:
             print(f"NameError: no DDict named {name!r}")
+            return None
+        if not isinstance(d, DDict):
+            print(f"TypeError: {name!r} is a {type(d).__name__}, not a DDict")
             return None
         if sub == "destroy":
             d.destroy()

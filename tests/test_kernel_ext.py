@@ -105,6 +105,13 @@ def test_ddict_magics_create_list_show_and_destroy(ip, capsys):
     assert "no DDict named 'nothing_here'" in capsys.readouterr().out
     ip.run_line_magic("dragon", "ddict create big --mem lots")
     assert "not a size" in capsys.readouterr().out
+    ip.run_line_magic("dragon", "ddict create big --ddict-nodes 3")
+    assert "UsageError" in capsys.readouterr().out
+    ip.run_cell("not_a_ddict = [1, 2]")
+    ip.run_line_magic("dragon", "ddict show not_a_ddict")
+    assert "is a list, not a DDict" in capsys.readouterr().out
+    ip.run_line_magic("dragon", "ddict create results --mem 8MiB")
+    assert "previous DDict 'results' was destroyed" in capsys.readouterr().out
     ip.run_line_magic("dragon", "ddict destroy results")
     assert "destroyed" in capsys.readouterr().out
     dragon_nb.stop()
