@@ -1,16 +1,46 @@
 """dragon-nb: Dragon's parallel Python model (Pool, DDict, System/Node,
-pipelines) on a node runtime that starts behind a notebook kernel or script."""
+pipelines) on a node runtime that starts behind a notebook kernel or script.
+
+The features load on first use (``dragon_nb.Pool`` imports the pool), so the
+runtime's own processes, which import this package too, start quickly.
+"""
+import importlib
+
 from dragon_nb.runtime import Runtime, get_runtime, start, stop
-from dragon_nb.pool import Pool, PoolBrokenError, WorkerLostError
-from dragon_nb.machine import Node, System
-from dragon_nb.pipeline import Pipeline, PipelineError, on_node, stage
-from dragon_nb.ddict import DDict, DDictError, DDictKeyError, DDictFullError, DDictTimeoutError
+from dragon_nb.runtime.client import register_entry_module
 
 __version__ = "0.1.0"
-__all__ = ["Runtime", "start", "stop", "get_runtime", "Pool", "PoolBrokenError",
-           "WorkerLostError", "System", "Node", "cpu_count", "current_process",
-           "DDict", "DDictError", "DDictKeyError", "DDictFullError", "DDictTimeoutError",
-           "Pipeline", "PipelineError", "stage", "on_node"]
+
+# what agents import before they fork, so a new worker costs a fork only
+for _module in ("dragon_nb.pool.worker", "dragon_nb.ddict.manager",
+                "dragon_nb.pipeline.stage_worker"):
+    register_entry_module(_module)
+
+_LAZY = {
+    "Pool": "dragon_nb.pool", "PoolBrokenError": "dragon_nb.pool",
+    "WorkerLostError": "dragon_nb.pool", "TaskExitError": "dragon_nb.pool",
+    "System": "dragon_nb.machine", "Node": "dragon_nb.machine",
+    "Pipeline": "dragon_nb.pipeline", "PipelineError": "dragon_nb.pipeline",
+    "stage": "dragon_nb.pipeline", "on_node": "dragon_nb.pipeline",
+    "DDict": "dragon_nb.ddict", "DDictError": "dragon_nb.ddict",
+    "DDictKeyError": "dragon_nb.ddict", "DDictFullError": "dragon_nb.ddict",
+    "DDictTimeoutError": "dragon_nb.ddict",
+}
+__all__ = ["Runtime", "start", "stop", "get_runtime", "cpu_count", "current_process",
+           *_LAZY]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dragon_nb' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def cpu_count() -> int:
