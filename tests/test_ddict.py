@@ -667,3 +667,16 @@ def test_managers_exit_when_their_creator_is_killed():
         time.sleep(0.05)
     assert not any(psutil.pid_exists(p) for p in pids)
     assert not os.path.exists(rundir)
+
+
+def test_attach_refuses_endpoints_outside_this_users_runtime(d):
+    import base64
+    import json
+    state = json.loads(base64.b64decode(d.serialize()))
+    state["managers"][0][3] = "tcp://127.0.0.1:9"
+    with pytest.raises(DDictError, match="not a serialized DDict of this host"):
+        DDict.attach(base64.b64encode(json.dumps(state).encode()).decode())
+    state = json.loads(base64.b64decode(d.serialize()))
+    state["managers"][0][3] = "ipc:///tmp/elsewhere/sock"
+    with pytest.raises(DDictError, match="this user's runtime"):
+        DDict.attach(base64.b64encode(json.dumps(state).encode()).decode())

@@ -451,3 +451,46 @@ def test_chained_imap_keeps_the_callers_memory_flat(runtime):
                 samples.append(me.memory_info().rss)
     # both windows are bounded: after warm-up the caller's memory barely moves
     assert max(samples[1:]) - samples[1] < 20 << 20, [s >> 20 for s in samples]
+
+
+def test_an_abandoned_imap_does_not_keep_the_pool_from_closing(runtime):
+    import gc
+    p = Pool(2)
+    for i, _ in enumerate(p.imap(square, range(50_000))):
+        if i == 3:
+            break                      # the iterator is dropped here
+    gc.collect()
+    p.close()
+    done = threading.Event()
+    threading.Thread(target=lambda: (p.join(), done.set()), daemon=True).start()
+    assert done.wait(15), "join() hung on an abandoned imap"
+
+
+def test_a_cancelled_call_ends_with_an_error_instead_of_waiting_forever(runtime):
+    from dragon_nb.pool import CallCancelledError
+    with Pool(2) as p:
+        r = p.map_async(sleep_then_return, range(4), chunksize=1)
+        _interrupt_main_after(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            r.get()
+        with pytest.raises(CallCancelledError):
+            r.get(timeout=10)
+        it = p.imap(sleep_then_return, range(4))
+        it.close()
+        with pytest.raises(StopIteration):
+            it.next(timeout=10)
+
+
+def dies_in_initializer():
+    os._exit(7)
+
+
+def test_workers_that_die_while_starting_break_the_pool_instead_of_respawning(runtime):
+    p = Pool(2, initializer=dies_in_initializer)
+    try:
+        with pytest.raises(PoolBrokenError, match="keep dying before they start"):
+            p.map_async(square, range(4)).get(timeout=20)
+        assert p._dispatcher.spawned < 10
+    finally:
+        p.terminate()
+        p.join()

@@ -181,3 +181,37 @@ def test_a_forked_child_leaves_its_parents_runtime_alone():
     with dragon_nb.Pool(1) as p:
         assert p.apply(abs, (-2,)) == 2
     dragon_nb.stop()
+
+
+FORKING_CALLER = textwrap.dedent('''
+    import os, time
+    import dragon_nb
+    rt = dragon_nb.start(nodes=1)
+    if os.fork() == 0:          # a child that outlives its parent
+        time.sleep(30)
+        os._exit(0)
+    print(rt._proc.pid, flush=True)
+    time.sleep(60)
+''')
+
+
+def test_a_forked_child_does_not_keep_a_killed_callers_runtime_alive(tmp_path, env_with_pkg):
+    script = tmp_path / "forking_caller.py"
+    script.write_text(FORKING_CALLER)
+    caller = subprocess.Popen([PYTHON, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=env_with_pkg)
+    child = None
+    try:
+        head = psutil.Process(int(caller.stdout.readline()))
+        child = next(p for p in psutil.Process(caller.pid).children()
+                     if p.pid != head.pid)
+        os.kill(caller.pid, signal.SIGKILL)
+        caller.wait(10)
+        gone, alive = psutil.wait_procs([head], timeout=10)
+        assert not alive
+    finally:
+        if child is not None and child.is_running():
+            child.kill()
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()

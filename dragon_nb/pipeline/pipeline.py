@@ -193,7 +193,7 @@ class Pipeline:
                     frames = self.codec.encode(P.PIPE_ITEMS, {"seq": seq, "start": start},
                                                [data, *bufs])
                     while not self.source_push.poll(200, zmq.POLLOUT):
-                        if self._closed:
+                        if self._closed or not self.runtime.alive:
                             return
                     self.source_push.send_multipart(frames, copy=False)
                     seq += 1
@@ -262,6 +262,9 @@ class Pipeline:
         if self.report is not None:
             poller.register(self.report, zmq.POLLIN)
         events = dict(poller.poll(500))
+        if not events and not self.runtime.alive:     # no head left to report deaths
+            self.close()
+            raise PipelineError("the dragon-nb runtime stopped under the pipeline")
         if self.exits in events:
             self._on_exit()
         if self.report is not None and self.report in events:

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 
 import zmq
 
@@ -62,6 +63,10 @@ class WorkerLostError(RuntimeError):
     """A worker died while running a chunk that had already been retried."""
 
 
+class CallCancelledError(RuntimeError):
+    """The call was cancelled (an interrupt while waiting, or ``close()`` of an imap)."""
+
+
 class PoolBrokenError(RuntimeError):
     """The pool cannot run tasks (its initializer failed, or its runtime stopped)."""
 
@@ -84,13 +89,34 @@ class WorkerHandle:
         return f"<WorkerHandle node={self.node} pid={self.pid} alive={self._alive}>"
 
 
+class _Gone:
+    """Stands in for the result of a lazy call whose iterator the caller dropped."""
+    _success = None
+    _window = None
+
+    def _set(self, *a):
+        return True
+
+    _set_many = _set_length = _set
+
+    def _fail(self, *a):
+        pass
+
+    _note_size = _fail
+
+
+_GONE = _Gone()
+
+
 class Job:
-    __slots__ = ("id", "mode", "fid", "func_blob", "result", "pending", "total",
+    __slots__ = ("id", "mode", "fid", "func_blob", "_result", "pending", "total",
                  "received", "cancelled", "name", "progress", "context")
 
-    def __init__(self, jid, mode, fid, func_blob, result, name, progress=None):
+    def __init__(self, jid, mode, fid, func_blob, result, name, progress=None, weak=False):
         self.id, self.mode, self.fid, self.func_blob = jid, mode, fid, func_blob
-        self.result, self.name, self.progress = result, name, progress
+        # a lazy call's iterator is held weakly: dropping it cancels the call
+        self._result = weakref.ref(result) if weak else result
+        self.name, self.progress = name, progress
         # the caller's context: worker output is written inside it, so a notebook
         # shows it under the cell that made the call (ipykernel keeps the cell's
         # parent header in a context variable)
@@ -100,6 +126,14 @@ class Job:
         self.total = None
         self.received = 0
         self.cancelled = False
+
+    @property
+    def result(self):
+        r = self._result
+        if isinstance(r, weakref.ref):
+            r = r()
+            return _GONE if r is None else r
+        return r
 
 
 class WorkerState:
@@ -149,6 +183,7 @@ class Dispatcher:
         self.broken: Exception | None = None
         self.stopping = False
         self.spawned = 0              # workers started over the pool's life
+        self.early_deaths: list = []  # workers that died before their hello, in a row
         self.finished = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"dragon-nb {self.owner}",
                                        daemon=True)
@@ -237,9 +272,18 @@ class Dispatcher:
             return
         w.exit_code = code
         w.handle._alive = False
-        grace = EXIT_GRACE_S if (code == 0 and w.outstanding) else 0.0
+        # results it flushed before dying may still be on their way
+        grace = EXIT_GRACE_S if w.outstanding else 0.0
         w.exit_deadline = time.monotonic() + grace
         self._update_handles()
+        if not w.connected:          # died before saying hello: start-up is failing
+            self.early_deaths.append((w.pid, w.node, code))
+            if len(self.early_deaths) >= max(3, self.processes) and self.broken is None:
+                pids = ", ".join(f"pid {p} on node {n} (code {c})"
+                                 for p, n, c in self.early_deaths[-3:])
+                self._break(PoolBrokenError(
+                    f"pool workers keep dying before they start ({pids}); "
+                    f"is the initializer exiting or crashing the process?"))
 
     def _update_handles(self):
         """``Pool._pool``: the live workers, by node then pid."""
@@ -301,8 +345,13 @@ class Dispatcher:
         job.cancelled = True
         self.jobs.pop(job.id, None)
         job.pending.clear()
+        if cancelled and fail is None:
+            fail = CallCancelledError(f"{job.name} was cancelled")
         if fail is not None:
             job.result._fail(fail)
+        window = getattr(job.result, "_window", None)
+        if window is not None:
+            window.close()            # its feeder stops reading the input
         if job.progress is not None:
             err = fail
             if err is None and getattr(job.result, "_success", True) is False:
@@ -414,6 +463,7 @@ class Dispatcher:
             self._on_output(w, body)
         elif kind == P.HELLO:
             w.connected = True
+            self.early_deaths.clear()
             if self.stopping:
                 self.router.send(P.STOP, None, to=w.wid)
         elif kind == P.INIT_FAILED:
@@ -539,6 +589,8 @@ class Dispatcher:
                         self._break(PoolBrokenError("the pool was terminated"))
                         self._signal([w for w in self.workers.values()
                                       if w.exit_deadline is None], signal.SIGTERM)
+                    if now > terminate_deadline and self.workers:
+                        self._signal(list(self.workers.values()), signal.SIGKILL)
                     if not self.workers or now > terminate_deadline:
                         break
                     continue

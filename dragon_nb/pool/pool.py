@@ -248,7 +248,7 @@ class Pool:
         name = f"{verb}({_name(func)})"
         total = len(iterable) if hasattr(iterable, "__len__") else None
         job = Job(result._job, MAP, fid, blob, result, name,
-                  self._call_progress(name, total, progress))
+                  self._call_progress(name, total, progress), weak=True)
         result._progress = job.progress
         self._dispatcher.submit(job, None)
         threading.Thread(target=_feed, args=(self._dispatcher, job, it, chunksize, window, func),
@@ -302,7 +302,6 @@ def _name(func) -> str:
 def _feed(dispatcher, job, it, chunksize, window, func):
     """Pull the input lazily, at most a window ahead of what the caller consumed."""
     idx = n_items = 0
-    result = job.result
     encoder = S.WorkEncoder()
     while True:
         try:
@@ -319,7 +318,7 @@ def _feed(dispatcher, job, it, chunksize, window, func):
         nbytes = len(payload) + sum(memoryview(b).nbytes for b in bufs)
         if not window.acquire(nbytes):
             return                          # cancelled or failed
-        result._note_size(idx, nbytes)
+        job.result._note_size(idx, nbytes)
         dispatcher.feed(job.id, [idx, payload, bufs, 0, n_items])
         idx += 1
         n_items += len(items)

@@ -216,6 +216,11 @@ class IMapIterator:
         if not self._done:
             self._finish()
             self._cancel_job(self._job)
+            with self._cond:             # nothing more will come: next() ends at once
+                self._chunks.clear()
+                self._unsorted.clear()
+                self._length = self._index
+                self._cond.notify_all()
 
     def _finish(self):
         self._done = True

@@ -199,7 +199,7 @@ class Worker:
     def on_signal(self, signum, frame):
         self.signals += 1
         self.signalled = True
-        if self.in_user_code:
+        if self.in_user_code and not self.sending:   # never in the middle of a send
             self.catch_up()
             if self.current_job in self.cancelled:
                 raise TaskCancelled()
@@ -250,7 +250,11 @@ class Worker:
     def flush(self):
         self.flush_output()
         if self.out:
-            self.chan.send(P.RESULTS, {"results": self.out}, buffers=self.out_bufs)
+            self.sending = True
+            try:
+                self.chan.send(P.RESULTS, {"results": self.out}, buffers=self.out_bufs)
+            finally:
+                self.sending = False
             self.out, self.out_bufs, self.out_bytes = [], [], 0
         self.last_flush = time.monotonic()
 

@@ -80,6 +80,7 @@ class Runtime:
         except BaseException:
             self._abort()
             raise
+        _lifelines.add(self._lifeline)
         self.events_address = reply["events"]
         self._nodes = reply["nodes"]
         self._finalizer = weakref.finalize(self, _finalize, self._proc, self._lifeline,
@@ -189,6 +190,7 @@ def _finalize(proc, lifeline, rundir, timeout: float = 5.0, owner_pid: int | Non
     if owner_pid is not None and os.getpid() != owner_pid:
         return          # a forked child: the runtime is its parent's, not its to end
     if lifeline is not None:
+        _lifelines.discard(lifeline)
         try:
             os.close(lifeline)
         except OSError:
@@ -265,9 +267,18 @@ def on_stop(hook) -> None:
     _stop_hooks.append(hook)
 
 
+_lifelines: set = set()         # write ends of this process's runtimes' lifelines
+
+
 def _after_fork_in_child():
     global _current
     _current = None    # the parent's runtime is not ours to use or stop
+    for fd in list(_lifelines):  # nor to keep alive once the parent is gone
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _lifelines.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
