@@ -57,6 +57,32 @@ def leftover_processes(timeout: float = 10.0) -> list:
         time.sleep(0.1)
 
 
+def runtime_leftovers(rtdir: str, timeout: float = 10.0):
+    """Processes whose command line names ``rtdir`` (a runtime's head and agents)
+    and entries in ``rtdir``, still there after ``timeout`` seconds. For runs in a
+    subprocess, whose runtimes are not our descendants."""
+    deadline = time.monotonic() + timeout
+    while True:
+        procs = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if rtdir in " ".join(p.info["cmdline"] or ()) and \
+                        p.status() != psutil.STATUS_ZOMBIE:
+                    procs.append(p.info["cmdline"])
+            except psutil.Error:
+                pass
+        entries = os.listdir(rtdir)
+        if (not procs and not entries) or time.monotonic() > deadline:
+            return procs, entries
+        time.sleep(0.1)
+
+
+def dragon_nb_command() -> list:
+    """The installed ``dragon-nb`` command (or the module, from a plain checkout)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "dragon-nb")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "dragon_nb.cli"]
+
+
 def runtime_dirs() -> set:
     base = os.environ.get("DRAGON_NB_TMPDIR") or tempfile.gettempdir()
     return set(glob.glob(os.path.join(base, f"dnb-{os.getuid()}-*")))

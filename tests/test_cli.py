@@ -13,19 +13,16 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
-import psutil
 import pytest
+
+from conftest import dragon_nb_command, runtime_leftovers
 
 PYTHON = sys.executable
 RUN_TIMEOUT = 45
 
 
-def dragon_nb_command() -> list[str]:
-    exe = Path(sys.executable).with_name("dragon-nb")
-    return [str(exe)] if exe.exists() else [PYTHON, "-m", "dragon_nb.cli"]
 
 
 @pytest.fixture
@@ -40,21 +37,6 @@ def workdir():
     shutil.rmtree(top, ignore_errors=True)
 
 
-def runtime_leftovers(rtdir: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        procs = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if rtdir in " ".join(p.info["cmdline"] or ()) and \
-                        p.status() != psutil.STATUS_ZOMBIE:
-                    procs.append(p.info["cmdline"])
-            except psutil.Error:
-                pass
-        entries = os.listdir(rtdir)
-        if (not procs and not entries) or time.monotonic() > deadline:
-            return procs, entries
-        time.sleep(0.1)
 
 
 def dragon_nb(args, cwd, rtdir, env) -> subprocess.CompletedProcess:

@@ -66,6 +66,14 @@ def execute(kc, code, timeout=60):
     return reply["content"], msgs
 
 
+def widget_values(msgs) -> list:
+    """The ``value`` of every widget update the kernel sent for a cell."""
+    return [m["content"]["data"]["state"]["value"] for _, m in msgs
+            if m["msg_type"] == "comm_msg"
+            and m["content"]["data"].get("method") == "update"
+            and "value" in m["content"]["data"].get("state", {})]
+
+
 def kernel_family(km) -> list:
     kernel = psutil.Process(km.provisioner.process.pid)
     return [kernel, *kernel.children(recursive=True)]
@@ -78,10 +86,7 @@ def test_progress_widget_updates_while_the_cell_runs(kernel):
     reply, msgs = execute(kc, "r = pool.map(slow, range(60), chunksize=1)\nlen(r)")
     assert reply["status"] == "ok", reply
     # task-count bars: widget updates carrying a "value", seen before the cell ended
-    values = [m["content"]["data"]["state"]["value"] for _, m in msgs
-              if m["msg_type"] == "comm_msg"
-              and m["content"]["data"].get("method") == "update"
-              and "value" in m["content"]["data"].get("state", {})]
+    values = widget_values(msgs)
     assert len(set(values)) >= 3, values
     # the final state stays in the notebook as a static table
     finals = [m for _, m in msgs if m["msg_type"] == "update_display_data"]
@@ -149,10 +154,7 @@ def test_pipeline_cell_shows_live_per_stage_figures(kernel):
             "stage: slow workers=2\n")
     reply, msgs = execute(kc, code)
     assert reply["status"] == "ok", reply
-    values = [m["content"]["data"]["state"]["value"] for _, m in msgs
-              if m["msg_type"] == "comm_msg"
-              and m["content"]["data"].get("method") == "update"
-              and "value" in m["content"]["data"].get("state", {})]
+    values = widget_values(msgs)
     assert len(set(values)) >= 3, values
     finals = [m for _, m in msgs if m["msg_type"] == "update_display_data"]
     assert finals and "pipeline: 120 items" in finals[-1]["content"]["data"]["text/html"]
@@ -169,10 +171,7 @@ def test_ddict_view_updates_live_with_keys_and_bytes_per_node(kernel):
             "time.sleep(0.6)\n")
     reply, msgs = execute(kc, code)
     assert reply["status"] == "ok", reply
-    values = [m["content"]["data"]["state"]["value"] for _, m in msgs
-              if m["msg_type"] == "comm_msg"
-              and m["content"]["data"].get("method") == "update"
-              and "value" in m["content"]["data"].get("state", {})]
+    values = widget_values(msgs)
     assert len(set(values)) >= 3, values        # the bytes bars filled while the cell ran
     titles = [m["content"]["data"]["state"]["value"] for _, m in msgs
               if m["msg_type"] == "comm_msg"

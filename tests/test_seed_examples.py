@@ -23,8 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+
+from conftest import dragon_nb_command, runtime_leftovers
 
 PYTHON = sys.executable
 
@@ -36,9 +37,6 @@ FILES = {f"part{i:02d}.txt": "".join(f"line {j} of file {i}\n" for j in range(i 
          for i in range(11)}
 
 
-def dragon_nb_command() -> list[str]:
-    exe = Path(sys.executable).with_name("dragon-nb")
-    return [str(exe)] if exe.exists() else [PYTHON, "-m", "dragon_nb.cli"]
 
 
 @pytest.fixture
@@ -56,22 +54,6 @@ def workdir():
     shutil.rmtree(top, ignore_errors=True)
 
 
-def runtime_leftovers(rtdir: str, timeout: float = 10.0):
-    """Processes mentioning rtdir and entries in rtdir still there after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        procs = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if rtdir in " ".join(p.info["cmdline"] or ()) and \
-                        p.status() != psutil.STATUS_ZOMBIE:
-                    procs.append(p.info["cmdline"])
-            except psutil.Error:
-                pass
-        entries = os.listdir(rtdir)
-        if (not procs and not entries) or time.monotonic() > deadline:
-            return procs, entries
-        time.sleep(0.1)
 
 
 def run(cmd, data, rtdir, env, extra_env=None) -> subprocess.CompletedProcess:
