@@ -218,6 +218,18 @@ class Dispatcher:
             job.result._fail(self.broken or PoolBrokenError("the pool has stopped"))
             return
         self._command("submit", job, chunks)
+        if self.finished.is_set():      # the thread ended meanwhile: nobody will read it
+            self._fail_leftovers()
+
+    def _fail_leftovers(self):
+        """Fail the jobs of commands the (finished) thread will never read."""
+        while True:
+            try:
+                cmd = self.commands.popleft()
+            except IndexError:
+                return
+            if cmd[0] == "submit":
+                cmd[1].result._fail(self.broken or PoolBrokenError("the pool has stopped"))
 
     def feed_error(self, job_id: int, idx: int, exc: BaseException):
         """The lazy input of a job raised: ``exc`` takes position ``idx`` and ends it."""
@@ -619,6 +631,7 @@ class Dispatcher:
                 os.close(self.wake_w)
             for job in list(self.jobs.values()):   # nothing may wait forever
                 self._finish(job, fail=self.broken or PoolBrokenError("the pool has stopped"))
+            self._fail_leftovers()
 
     def _on_exit_events(self):
         while True:
