@@ -94,7 +94,19 @@ class DragonMagics(Magics):
         print(f"dragon-nb runtime started: {len(rt.nodes())} node(s), {rt.cpu_count()} core(s)")
         return None
 
+    views: dict = {}           # kind -> the live view shown last (one of each at a time)
+
+    def _replace_view(self, kind, view):
+        """A new live view stops the previous one of its kind (each has a thread)."""
+        old = self.views.pop(kind, None)
+        if old is not None:
+            old.stop()
+        self.views[kind] = view
+
     def _stop(self, args):
+        for view in self.views.values():
+            view.stop()
+        self.views.clear()
         dragon_nb.stop()
         print("dragon-nb runtime stopped")
 
@@ -119,7 +131,7 @@ class DragonMagics(Magics):
             return None
         if in_kernel(self.shell):
             from dragon_nb.widgets.live import Dashboard
-            Dashboard(rt).start()
+            self._replace_view("status", Dashboard(rt).start())
         else:
             print(repr(rt))
             print(node_table(rt))
@@ -228,7 +240,7 @@ class DragonMagics(Magics):
             return None
         if in_kernel(self.shell):
             from dragon_nb.widgets.live import DDictWidget
-            DDictWidget(d, name).start()
+            self._replace_view(f"ddict:{name}", DDictWidget(d, name).start())
         else:
             for st in d.stats:
                 print(f"manager {st.manager_id} on node {st.node}: {st.num_keys} keys, "
@@ -345,6 +357,9 @@ def load_ipython_extension(ipython):
 
 def unload_ipython_extension(ipython):
     PG.remove_observer(_widget_observer)
+    for view in DragonMagics.views.values():
+        view.stop()
+    DragonMagics.views.clear()
     if DragonMagics.started_here:
         dragon_nb.stop()
         DragonMagics.started_here = False
