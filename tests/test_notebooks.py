@@ -60,3 +60,11 @@ def test_notebooks_run_and_match_their_stored_outputs(env_with_pkg):
         assert not os.listdir(rundirs), f"runtime directories left: {os.listdir(rundirs)}"
     finally:
         shutil.rmtree(rundirs, ignore_errors=True)
+
+
+def test_stored_outputs_carry_no_path_of_the_machine_that_ran_them():
+    # error outputs keep their tracebacks; the checkout's location must not leak into them
+    for name in sorted(os.listdir(os.path.join(ROOT, "notebooks"))):
+        if name.endswith(".ipynb"):
+            with open(os.path.join(ROOT, "notebooks", name)) as f:
+                assert ROOT not in f.read(), f"{name} stores the path {ROOT}"
