@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean chromium
+.PHONY: demo test bench venv clean chromium notebooks
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_pool.py
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_ddict.py
+
+# re-run the tutorial notebooks and store their outputs (then `make test` checks them)
+notebooks: $(STAMP)
+	$(PY) notebooks/refresh.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
