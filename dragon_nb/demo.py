@@ -27,9 +27,8 @@ def make_files(folder: Path, n: int, seed: int = 7) -> None:
 
 
 def count_words(text: str) -> collections.Counter:
-    counts = collections.Counter(text.split())
-    for _ in range(3):                 # a little more work per file, as real parsing would be
-        sorted(counts.items())
+    for _ in range(40):                # stands in for real parsing: ~10 ms a file
+        counts = collections.Counter(text.split())
     return counts
 
 

@@ -112,7 +112,8 @@ class TextProgress:
             if bar is None:
                 bar = self._tqdm(total=self.total, position=pos, file=self.file,
                                  desc=f"node {node}", unit="task", leave=True,
-                                 dynamic_ncols=True)
+                                 dynamic_ncols=True,   # counts arrive in telemetry steps
+                                 bar_format="{desc}: {n_fmt} tasks [{elapsed}]{postfix}")
                 self.bars[node] = bar
             if p["done"] > bar.n:
                 bar.update(p["done"] - bar.n)
