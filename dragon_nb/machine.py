@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from dragon_nb.runtime import get_runtime
+from dragon_nb.runtime.client import drain_events
 from dragon_nb.wire import protocol as P
 
 
@@ -70,10 +71,9 @@ class Node:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if sock.poll(max(1, (deadline - time.monotonic()) * 1000)):
-                    frames = sock.recv_multipart()
-                    _, body, _ = P.Codec().decode(frames[1:])
-                    if body.get("node") == self.h_uid:
-                        return body
+                    for body in drain_events(sock):
+                        if body.get("node") == self.h_uid:
+                            return body
             raise TimeoutError(f"no telemetry from node {self.h_uid} within {timeout} s")
         finally:
             sock.close(linger=0)

@@ -10,10 +10,8 @@ from __future__ import annotations
 import threading
 import time
 
-import zmq
-
 from dragon_nb.runtime import get_runtime
-from dragon_nb.runtime.client import zmq_context
+from dragon_nb.runtime.client import drain_events, zmq_context
 from dragon_nb.wire import protocol as P
 
 
@@ -32,22 +30,13 @@ class TelemetryMonitor:
 
     def _run(self):
         sock = self.runtime.subscribe(P.TOPIC_TELEMETRY, context=zmq_context())
-        codec = P.Codec()
         try:
             while not self._stop.is_set():
                 if not sock.poll(200):
                     if not self.runtime.alive:
                         return
                     continue
-                while True:
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        _, body, _ = codec.decode(frames[1:])
-                    except P.ProtocolError:
-                        continue
+                for body in drain_events(sock):
                     with self._lock:
                         self.latest[body["node"]] = body
                 if self.on_update is not None:

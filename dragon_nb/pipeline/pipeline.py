@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from dragon_nb.runtime.client import get_runtime, register_entry_module, zmq_context
+from dragon_nb.runtime.client import (drain_events, exit_reason, get_runtime,
+                                      register_entry_module, zmq_context)
 from dragon_nb.runtime.launch import caller_environment
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
@@ -288,12 +289,7 @@ class Pipeline:
             raise PipelineError("the pipeline was closed")
 
     def _on_exit(self):
-        while True:
-            try:
-                frames = self.exits.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            _, body, _ = self.codec.decode(frames[1:])
+        for body in drain_events(self.exits):
             for node, pid, code in body.get("procs", ()):
                 where = next(((k, n) for k, n, p in self.procs if p == pid and n == node), None)
                 if where is None:
@@ -302,8 +298,7 @@ class Pipeline:
                 name = "the source" if k < 0 else f"stage {k} ({self.stages[k].name})"
                 self.close()
                 raise PipelineError(
-                    f"{name}: worker pid {pid} on node {node} "
-                    f"{'was killed' if code is None or code < 0 else f'exited with code {code}'}; "
+                    f"{name}: worker pid {pid} on node {node} {exit_reason(code)}; "
                     f"its in-flight items are lost, so the pipeline stops")
 
     def run(self) -> int:

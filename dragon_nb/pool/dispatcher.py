@@ -29,7 +29,7 @@ import weakref
 import zmq
 
 from dragon_nb.pool.worker import APPLY
-from dragon_nb.runtime.client import zmq_context
+from dragon_nb.runtime.client import drain_events, exit_reason, zmq_context
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
 
@@ -313,8 +313,7 @@ class Dispatcher:
                     continue
                 chunk[3] += 1
                 if chunk[3] > self.task_retries:
-                    how = "was killed" if w.exit_code is None or w.exit_code < 0 else \
-                        f"exited with code {w.exit_code}"
+                    how = exit_reason(w.exit_code)
                     tries = f"it ran {chunk[3]} time(s), each time losing its worker" \
                         if chunk[3] > 1 else "no retries were allowed"
                     self._finish(job, fail=WorkerLostError(
@@ -634,15 +633,7 @@ class Dispatcher:
             self._fail_leftovers()
 
     def _on_exit_events(self):
-        while True:
-            try:
-                frames = self.sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                _, body, _ = P.Codec().decode(frames[1:])
-            except P.ProtocolError:
-                continue
+        for body in drain_events(self.sub):
             for node, pid, code in body.get("procs", ()):
                 w = self.workers.get(f"w{node}-{pid}".encode())
                 if w is not None:

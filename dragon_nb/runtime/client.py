@@ -145,7 +145,8 @@ class Runtime:
         self.request("kill", procs=[tuple(p) for p in procs], sig=int(sig))
 
     def subscribe(self, *topics: bytes, context: zmq.Context | None = None) -> zmq.Socket:
-        """A SUB socket on the head's event stream (telemetry, exits, nodes)."""
+        """A SUB socket on the head's event stream (telemetry, exits, nodes);
+        read it with ``drain_events``."""
         sock = (context or zmq_context()).socket(zmq.SUB)
         for t in topics:
             sock.setsockopt(zmq.SUBSCRIBE, t)
@@ -184,6 +185,30 @@ class Runtime:
     def __repr__(self):
         state = "running" if self.alive else "stopped"
         return f"<dragon_nb.Runtime {state} nodes={self.n_nodes} dir={self.rundir}>"
+
+
+_EVENT_CODEC = P.Codec()
+
+
+def drain_events(sock: zmq.Socket):
+    """Yield the body of every event waiting on a ``subscribe`` socket, without
+    blocking; a malformed one is skipped."""
+    while True:
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            _, body, _ = _EVENT_CODEC.decode(frames[1:])      # [topic, kind, body]
+        except P.ProtocolError:
+            continue
+        if isinstance(body, dict):
+            yield body
+
+
+def exit_reason(code) -> str:
+    """How a process of an ``exit.<owner>`` event ended, for error messages."""
+    return "was killed" if code is None or code < 0 else f"exited with code {code}"
 
 
 def _finalize(proc, lifeline, rundir, timeout: float = 5.0, owner_pid: int | None = None):

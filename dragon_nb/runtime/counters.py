@@ -63,13 +63,3 @@ class Counters:
 
     def publish(self) -> None:
         _SLOT.pack_into(self._mem, self._off, *self._vals)
-
-
-class NullCounters(Counters):
-    """Counters for a process that has no agent (tests, inline use)."""
-
-    def __init__(self):
-        self._vals = [0] * len(FIELDS)
-
-    def publish(self) -> None:
-        pass

@@ -1,8 +1,7 @@
 """What the widgets show, as plain data: one row per node.
 
-Kept apart from ipywidgets so the same rows feed the live widget, the static
-HTML left in the saved notebook, and the terminal view, and so the numbers
-can be tested without a browser.
+Kept apart from ipywidgets so the same rows feed the live widget and the
+static HTML left in the saved notebook.
 """
 from __future__ import annotations
 
@@ -99,14 +98,3 @@ def rows_html(title: str, rows: list[NodeRow], footer: str = "") -> str:
         f"<td>{fmt_bytes(r.ddict_bytes)}</td></tr>" for r in rows)
     return (f"<div class='dragon-nb'><b>{html.escape(title)}</b>"
             f"<table>{head}{body}</table><div>{html.escape(footer)}</div></div>")
-
-
-def rows_text(title: str, rows: list[NodeRow], footer: str = "") -> str:
-    lines = [title]
-    for r in rows:
-        lines.append(f"  node {r.node} ({r.host}): workers {r.workers}, done {r.done}, "
-                     f"running {r.running}, queued {r.queued}, cpu {r.cpu_percent:.0f}%, "
-                     f"mem {fmt_bytes(r.rss)} / {fmt_bytes(r.physical_mem)}")
-    if footer:
-        lines.append(footer)
-    return "\n".join(lines)
