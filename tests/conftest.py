@@ -6,8 +6,11 @@ and no runtime directory left on disk.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,6 +78,43 @@ def runtime_leftovers(rtdir: str, timeout: float = 10.0):
         if (not procs and not entries) or time.monotonic() > deadline:
             return procs, entries
         time.sleep(0.1)
+
+
+def run_checked(cmd, cwd, rtdir, env, extra_env=None, timeout=45):
+    """Run ``cmd`` as a user would, its runtimes kept in ``rtdir``; then check that
+    none of its runtime processes or directories is left. Runtime settings of
+    this session's environment do not leak in, except those in ``extra_env``."""
+    env = dict(env, DRAGON_NB_TMPDIR=rtdir, **(extra_env or {}))
+    for var in ("DRAGON_NB_NODES", "DRAGON_NB_WORKERS_PER_NODE", "DRAGON_NB_CPUS_PER_NODE"):
+        if not extra_env or var not in extra_env:
+            env.pop(var, None)
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    finally:
+        procs, entries = runtime_leftovers(rtdir)
+        assert not procs, f"runtime processes outlived {cmd}: {procs}"
+        assert not entries, f"runtime directories left behind by {cmd}: {entries}"
+    return proc
+
+
+def describe(proc) -> str:
+    """A finished subprocess, for assertion messages."""
+    return f"exit code {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+
+
+@contextlib.contextmanager
+def short_dirs(prefix: str, name: str):
+    """(a folder called ``name``, a runtime folder), under one short temporary
+    folder (ipc socket paths must stay short), removed afterwards."""
+    top = tempfile.mkdtemp(prefix=prefix)
+    work, rtdir = os.path.join(top, name), os.path.join(top, "rt")
+    os.mkdir(work)
+    os.mkdir(rtdir)
+    try:
+        yield work, rtdir
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def dragon_nb_command() -> list:

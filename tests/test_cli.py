@@ -6,59 +6,31 @@ own session, so they are not children of the test run).
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from conftest import dragon_nb_command, runtime_leftovers
+from conftest import describe, dragon_nb_command, run_checked, short_dirs
 
 PYTHON = sys.executable
 RUN_TIMEOUT = 45
 
 
-
-
 @pytest.fixture
 def workdir():
-    """(a directory for scripts, runtime tmpdir); short paths, removed after."""
-    top = tempfile.mkdtemp(prefix="dnbc-")
-    work = os.path.join(top, "work")
-    rtdir = os.path.join(top, "rt")
-    os.mkdir(work)
-    os.mkdir(rtdir)
-    yield work, rtdir
-    shutil.rmtree(top, ignore_errors=True)
+    """(a directory for scripts, runtime tmpdir)."""
+    with short_dirs("dnbc-", "work") as dirs:
+        yield dirs
 
 
+def dragon_nb(args, cwd, rtdir, env):
+    return run_checked([*dragon_nb_command(), *args], cwd, rtdir, env, timeout=RUN_TIMEOUT)
 
 
-def dragon_nb(args, cwd, rtdir, env) -> subprocess.CompletedProcess:
-    env = dict(env, DRAGON_NB_TMPDIR=rtdir)
-    for var in ("DRAGON_NB_NODES", "DRAGON_NB_WORKERS_PER_NODE", "DRAGON_NB_CPUS_PER_NODE"):
-        env.pop(var, None)
-    cmd = [*dragon_nb_command(), *args]
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT)
-    finally:
-        procs, entries = runtime_leftovers(rtdir)
-        assert not procs, f"runtime processes outlived {cmd}: {procs}"
-        assert not entries, f"runtime directories left behind by {cmd}: {entries}"
-    return proc
-
-
-def describe(proc) -> str:
-    return f"exit code {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-
-
-# -- info ------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_info_prints_a_table_of_the_nodes(workdir, env_with_pkg):
     work, rtdir = workdir
@@ -115,21 +87,14 @@ def check_script_output(proc, argv, nnodes):
 
 
 @pytest.mark.timeout(60)
-def test_run_script_with_options_before_it(workdir, env_with_pkg):
+@pytest.mark.parametrize("args", [["--nodes", "2", "script.py"], ["script.py", "--nodes", "2"]],
+                         ids=["options_before_script", "options_after_script"])
+def test_run_script_with_options_before_or_after_it(args, workdir, env_with_pkg):
+    """``dragon-nb run script.py [--nodes N] ... [-- script args]`` is the documented
+    form; options before the script work too, and the script gets only its own."""
     work, rtdir = workdir
     Path(work, "script.py").write_text(SCRIPT)
-    proc = dragon_nb(["run", "--nodes", "2", "script.py", "--", "arg1"], work, rtdir,
-                     env_with_pkg)
-    check_script_output(proc, ["arg1"], 2)
-
-
-@pytest.mark.timeout(60)
-def test_run_script_with_options_after_it(workdir, env_with_pkg):
-    """The documented form: ``dragon-nb run script.py [--nodes N] ... [-- script args]``."""
-    work, rtdir = workdir
-    Path(work, "script.py").write_text(SCRIPT)
-    proc = dragon_nb(["run", "script.py", "--nodes", "2", "--", "arg1"], work, rtdir,
-                     env_with_pkg)
+    proc = dragon_nb(["run", *args, "--", "arg1"], work, rtdir, env_with_pkg)
     check_script_output(proc, ["arg1"], 2)
 
 

@@ -74,6 +74,13 @@ def widget_values(msgs) -> list:
             and "value" in m["content"]["data"].get("state", {})]
 
 
+def final_html(msgs) -> str:
+    """The HTML a live view left behind in the cell (its last display update)."""
+    finals = [m for _, m in msgs if m["msg_type"] == "update_display_data"]
+    assert finals, "the view never replaced itself with its final table"
+    return finals[-1]["content"]["data"]["text/html"]
+
+
 def kernel_family(km) -> list:
     kernel = psutil.Process(km.provisioner.process.pid)
     return [kernel, *kernel.children(recursive=True)]
@@ -89,8 +96,7 @@ def test_progress_widget_updates_while_the_cell_runs(kernel):
     values = widget_values(msgs)
     assert len(set(values)) >= 3, values
     # the final state stays in the notebook as a static table
-    finals = [m for _, m in msgs if m["msg_type"] == "update_display_data"]
-    assert finals and "map(slow): 60/60 items" in finals[-1]["content"]["data"]["text/html"]
+    assert "map(slow): 60/60 items" in final_html(msgs)
 
 
 def test_interrupt_cancels_the_work_and_the_pool_stays_usable(kernel):
@@ -156,8 +162,7 @@ def test_pipeline_cell_shows_live_per_stage_figures(kernel):
     assert reply["status"] == "ok", reply
     values = widget_values(msgs)
     assert len(set(values)) >= 3, values
-    finals = [m for _, m in msgs if m["msg_type"] == "update_display_data"]
-    assert finals and "pipeline: 120 items" in finals[-1]["content"]["data"]["text/html"]
+    assert "pipeline: 120 items" in final_html(msgs)
 
 
 def test_ddict_view_updates_live_with_keys_and_bytes_per_node(kernel):

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import dragon_nb_command, runtime_leftovers
+from conftest import describe, dragon_nb_command, run_checked, short_dirs  # noqa: F401
 
 PYTHON = sys.executable
 
@@ -37,38 +35,18 @@ FILES = {f"part{i:02d}.txt": "".join(f"line {j} of file {i}\n" for j in range(i 
          for i in range(11)}
 
 
-
-
 @pytest.fixture
 def workdir():
-    """(data dir with FILES, runtime tmpdir); both short paths, removed after."""
-    top = tempfile.mkdtemp(prefix="dnbt-")
-    data = os.path.join(top, "data")
-    rtdir = os.path.join(top, "rt")
-    os.mkdir(data)
-    os.mkdir(rtdir)
-    for name, text in FILES.items():
-        with open(os.path.join(data, name), "w", newline="\n") as f:
-            f.write(text)
-    yield data, rtdir
-    shutil.rmtree(top, ignore_errors=True)
-
-
+    """(data dir with FILES, runtime tmpdir)."""
+    with short_dirs("dnbt-", "data") as (data, rtdir):
+        for name, text in FILES.items():
+            with open(os.path.join(data, name), "w", newline="\n") as f:
+                f.write(text)
+        yield data, rtdir
 
 
 def run(cmd, data, rtdir, env, extra_env=None) -> subprocess.CompletedProcess:
-    env = dict(env, DRAGON_NB_TMPDIR=rtdir, **(extra_env or {}))
-    for var in ("DRAGON_NB_NODES", "DRAGON_NB_WORKERS_PER_NODE", "DRAGON_NB_CPUS_PER_NODE"):
-        if not extra_env or var not in extra_env:
-            env.pop(var, None)
-    try:
-        proc = subprocess.run(cmd, cwd=data, env=env, capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT)
-    finally:
-        procs, entries = runtime_leftovers(rtdir)
-        assert not procs, f"runtime processes outlived {cmd}: {procs}"
-        assert not entries, f"runtime directories left behind by {cmd}: {entries}"
-    return proc
+    return run_checked(cmd, data, rtdir, env, extra_env, timeout=RUN_TIMEOUT)
 
 
 def dragon_script(script: str, data: str) -> str:
@@ -76,10 +54,6 @@ def dragon_script(script: str, data: str) -> str:
     path = Path(data).parent / f"dragon_{script}"
     path.write_text(re.sub(r"\bdragon_nb\b", "dragon", (SEED / script).read_text()))
     return str(path)
-
-
-def describe(proc) -> str:
-    return f"exit code {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
 
 
 # -- examples 1, 2, 3: one result per file, the file's length -----------------------
