@@ -42,6 +42,11 @@ def _check_endpoints(state: dict) -> None:
     """A serialized DDict may only point at this user's private runtime folders:
     replies are unpickled, so an address from elsewhere would be code from elsewhere."""
     import stat as _stat
+    from dragon_nb.runtime import network
+    net = network.current()
+    if net is not None and net.key is not None and \
+            all(str(m[3]).startswith("tcp://") for m in state["managers"]):
+        return            # every reply must carry this runtime's signature to be read
     paths = [state.get("tombstone") or ""]
     for m in state["managers"]:
         address, lane = m[3], m[4]
@@ -107,6 +112,7 @@ class DDict:
                  total_mem: int = DDICT_MIN_SIZE, *, name: str = "", timeout=None,
                  nodes=None, runtime=None, **options):
         L.check_options(options)
+        nodes = L.check_arguments(name, timeout, nodes, runtime)
         rt = runtime or get_runtime()
         state, conn = L.start_managers(
             rt, managers_per_node, n_nodes, total_mem, name=name, timeout=timeout,
@@ -153,6 +159,7 @@ class DDict:
         except (ValueError, TypeError, binascii.Error) as e:
             raise DDictError(f"not a serialized DDict: {e}") from None
         _check_endpoints(state)
+        L.check_timeout(timeout)
         if timeout is not None:
             state = dict(state, timeout=timeout)
         handle = cls.__new__(cls)

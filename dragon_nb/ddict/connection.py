@@ -32,6 +32,7 @@ import psutil
 import zmq
 
 from dragon_nb.ddict.errors import DDictError, DDictTimeoutError
+from dragon_nb.runtime import network
 from dragon_nb.runtime.client import zmq_context
 from dragon_nb.wire import protocol as P
 
@@ -71,7 +72,7 @@ class Link:
         self.address, self.lane_path, self.pid, self.ctime = address, lane_path, pid, ctime
         self.zsock = self.lane = None
         self.zslice = self.lslice = None
-        self.lane_usable = True
+        self.lane_usable = bool(lane_path)       # none across hosts (TCP runtimes)
         self.zmq_only = False
         self.dead: str | None = None     # why it cannot be reached any more
 
@@ -87,6 +88,8 @@ class Connection:
         self.hostname = socket.gethostname()
         self.lock = threading.Lock()
         self.links = [Link(*m) for m in managers]
+        net = network.current()
+        self.key = net.key if net is not None else None    # signs every frame on TCP
         self._rid = 0
         self._finalizer = weakref.finalize(self, _close_links, self.links, self.pid)
 
@@ -242,6 +245,8 @@ class Connection:
     # -- zmq ---------------------------------------------------------------------------
     def _new_zsock(self, link: Link) -> zmq.Socket:
         sock = zmq_context().socket(zmq.DEALER)
+        if link.address.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.RECONNECT_IVL, 10)
         sock.connect(link.address)
@@ -251,6 +256,8 @@ class Connection:
         sock = link.zsock
         if sock is None:
             sock = link.zsock = self._new_zsock(link)
+        if self.key is not None:
+            bufs = P.sign_frames(self.key, [frame, *bufs])[1:]
         while True:
             try:
                 if bufs:
@@ -280,6 +287,12 @@ class Connection:
             bufs = []
             while sock.getsockopt(zmq.RCVMORE):
                 bufs.append(sock.recv(copy=False))
+            if self.key is not None:
+                try:
+                    head, *bufs = P.verify_frames(self.key, [head, *bufs])
+                except P.ProtocolError:
+                    continue
+                head = bytes(head)
             if len(head) < REP.size:
                 continue
             status, vflags, _nbufs, r, arg = REP.unpack_from(head)

@@ -9,6 +9,7 @@ fails, the managers already started are killed.
 """
 from __future__ import annotations
 
+import numbers
 import pickle
 import signal
 import uuid
@@ -17,6 +18,8 @@ import psutil
 
 from dragon_nb.ddict import connection as C
 from dragon_nb.ddict.errors import DDictError
+from dragon_nb.runtime import network
+from dragon_nb.runtime.client import Runtime
 from dragon_nb.wire import protocol as P
 
 MANAGER_ENTRY = "dragon_nb.ddict.manager:main"
@@ -41,6 +44,34 @@ def check_options(options: dict) -> None:
         if v != _DEFAULT_ONLY_OPTIONS[k]:
             raise NotImplementedError(f"DDict({k}={v!r}) is not supported by dragon-nb "
                                       f"(no checkpoints, persistence or policies)")
+
+
+def check_timeout(timeout) -> None:
+    """``timeout=``: None (the default) or a positive number of seconds."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+
+
+def check_arguments(name, timeout, nodes, runtime):
+    """The constructor's keyword arguments, before anything is started -> ``nodes``
+    as a list (or None)."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, not {name!r}")
+    check_timeout(timeout)
+    if nodes is not None:
+        if isinstance(nodes, (str, bytes)) or not hasattr(nodes, "__iter__"):
+            raise TypeError(f"nodes must be a list of node ids (ints), not {nodes!r}")
+        nodes = list(nodes)
+        bad = [n for n in nodes if not isinstance(n, int) or isinstance(n, bool)]
+        if bad:
+            raise TypeError(f"nodes must be a list of node ids (ints); {bad[0]!r} is not one")
+    if runtime is not None and not isinstance(runtime, Runtime):
+        raise TypeError(f"runtime must be a dragon_nb.Runtime or None, not {runtime!r}")
+    return nodes
 
 
 def _choose_nodes(rt, n_nodes: int, nodes) -> tuple[list, dict]:
@@ -76,16 +107,21 @@ def start_managers(rt, managers_per_node: int, n_nodes: int, total_mem: int, *,
     prefix = f"{rt.rundir}/{owner}"
     tombstone = f"{prefix}.destroyed"
     managers: list = []
+    report = _bound_report(rt)       # TCP: managers bind where they run and say where
     try:
         for pos, node in enumerate(nodes):
             spec = pickle.dumps({"first_id": pos * managers_per_node,
                                  "prefix": f"{prefix}-{node}", "budget": budget,
-                                 "name": name, "tombstone": tombstone}, 5)
+                                 "name": name, "tombstone": tombstone,
+                                 "report": report and report[1]}, 5)
             procs = rt.spawn(MANAGER_ENTRY, spec, managers_per_node, owner, nodes=[node])
             for index, (n, pid) in enumerate(procs):
                 base = f"{prefix}-{node}-{index}"
                 managers.append([pos * managers_per_node + index, n, hostnames[n],
                                  "ipc://" + base, base + ".lane", pid, _start_time(pid)])
+        if report is not None:
+            for mid, address in _await_bound(report[0], len(managers), ping_timeout).items():
+                managers[mid][3], managers[mid][4] = address, ""
         conn = C.connection_for(owner, managers, name, tombstone)
         for mid, rep in enumerate(conn.request_many(range(count), P.DD_PING,
                                                     timeout=ping_timeout)):
@@ -94,6 +130,9 @@ def start_managers(rt, managers_per_node: int, n_nodes: int, total_mem: int, *,
     except BaseException:
         kill_managers(rt, managers)
         raise
+    finally:
+        if report is not None:
+            report[0].close(linger=0)
     state = {"owner": owner, "name": name, "timeout": timeout, "managers": managers,
              "tombstone": tombstone, "budget": budget,
              "managers_per_node": managers_per_node}
@@ -119,6 +158,36 @@ def reap_managers(rt, managers) -> None:
     _, alive = psutil.wait_procs(procs, timeout=EXIT_WAIT_S)
     late = {p.pid for p in alive}
     kill_managers(rt, [m for m in managers if m[5] in late])
+
+
+def _bound_report(rt):
+    """On a TCP runtime: (ROUTER, address) the managers report their addresses to."""
+    if not rt.network.tcp:
+        return None
+    from dragon_nb.runtime.client import zmq_context
+    import zmq
+    sock = rt.network.prepare(zmq_context().socket(zmq.ROUTER))
+    return sock, rt.network.bind(sock, f"ddict-report-{uuid.uuid4().hex[:8]}")
+
+
+def _await_bound(sock, count: int, timeout: float) -> dict:
+    """-> {manager id: address} from each manager's BOUND message."""
+    import time
+    codec = P.Codec(network.current().key if network.current() else None)
+    found: dict = {}
+    deadline = time.monotonic() + timeout
+    while len(found) < count:
+        left = deadline - time.monotonic()
+        if left <= 0 or not sock.poll(left * 1000):
+            raise DDictError(f"{count - len(found)} of {count} DDict managers did not "
+                             f"start within {timeout:g} s")
+        try:
+            kind, body, _ = codec.decode(sock.recv_multipart()[1:])
+        except P.ProtocolError:
+            continue
+        if kind == P.BOUND and isinstance(body, dict):
+            found[int(body["manager"])] = str(body["address"])
+    return found
 
 
 def _start_time(pid: int) -> float:

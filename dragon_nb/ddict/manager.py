@@ -16,7 +16,10 @@ the client, not the manager, polls briefly for a reply). The shard
 (``store.Shard``) holds the data; its bytes and key count go to the node's
 telemetry through the agent's shared counters. A malformed message is logged
 and dropped or answered DDS_BAD; the manager never unpickles a key or value.
-It exits after DD_DESTROY (leaving a tombstone file so other clients can tell
+On a runtime that spans hosts (TCP, signed), there is no lane: the ROUTER
+binds a TCP port where the manager runs, tells its creator the address
+(BOUND), and every frame carries an HMAC that is checked before anything
+else looks at it. It exits after DD_DESTROY (leaving a tombstone file so other clients can tell
 "destroyed" from "died"), on SIGTERM from its agent when the runtime stops, or
 with its agent (parent-death signal).
 """
@@ -53,21 +56,34 @@ class Manager:
         base = f"{spec['prefix']}-{ctx.index}"
         self.shard = Shard(mid, ctx.node, ctx.hostname, spec["budget"], spec.get("name", ""))
         _raise_fd_limit()
-        # the lane first: a manager that answers on zmq can be reached on its lane
-        self.lane_path = base + ".lane"
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.listener.bind(self.lane_path)
-        self.listener.listen(256)
-        self.listener.setblocking(False)
+        net = ctx.network
+        self.key = net.key
         self.lanes: dict[int, socket.socket] = {}
-        self.zctx = zmq.Context()
-        self.router = self.zctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 1000)
-        self.router.bind("ipc://" + base)
-        self.zfd = self.router.getsockopt(zmq.FD)
         self.epoll = select.epoll()
+        self.listener = None
+        self.lane_path = None
+        if not net.tcp:
+            # the lane first: a manager that answers on zmq can be reached on its lane
+            self.lane_path = base + ".lane"
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.listener.bind(self.lane_path)
+            self.listener.listen(256)
+            self.listener.setblocking(False)
+            self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        self.zctx = zmq.Context()
+        self.router = net.prepare(self.zctx.socket(zmq.ROUTER))
+        self.router.setsockopt(zmq.LINGER, 1000)
+        if net.tcp:
+            address = net.bind(self.router, os.path.basename(base))
+            report = net.prepare(self.zctx.socket(zmq.DEALER))
+            report.connect(spec["report"])
+            report.send_multipart(net.codec().encode(P.BOUND, {"manager": mid,
+                                                               "address": address}))
+            report.close(linger=2000)
+        else:
+            self.router.bind("ipc://" + base)
+        self.zfd = self.router.getsockopt(zmq.FD)
         self.epoll.register(self.zfd, select.EPOLLIN)
-        self.epoll.register(self.listener.fileno(), select.EPOLLIN)
         self.accept_paused_until = 0.0
         self.last_publish = 0.0
 
@@ -87,6 +103,12 @@ class Manager:
                 frame = router.recv()
                 while router.getsockopt(zmq.RCVMORE):
                     bufs.append(router.recv(copy=False))
+            if self.key is not None:
+                try:
+                    frame, *bufs = P.verify_frames(self.key, [frame, *bufs])
+                except (P.ProtocolError, ValueError) as e:
+                    log.warning("manager %s: dropped a message: %s", self.shard.mid, e)
+                    continue
             out = self.shard.handle(frame, bufs, ident)
             if out is not None:
                 self.send_zmq(ident, out)
@@ -96,6 +118,8 @@ class Manager:
 
     def send_zmq(self, ident: bytes, out):
         head, bufs = out
+        if self.key is not None:
+            bufs = P.sign_frames(self.key, [head, *bufs])[1:]
         try:
             if bufs:
                 self.router.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
@@ -173,7 +197,8 @@ class Manager:
 
     def run(self) -> int:
         shard, epoll = self.shard, self.epoll
-        lfd, zfd = self.listener.fileno(), self.zfd
+        lfd = self.listener.fileno() if self.listener is not None else -1
+        zfd = self.zfd
         zmq_due = True    # look at the ROUTER: its FD only signals changes, so after
         while True:       # any zmq operation of ours, and when epoll reports it
             if zmq_due:
@@ -225,11 +250,12 @@ class Manager:
         for fd in list(self.lanes):
             self.drop_lane(fd)
         self.epoll.close()
-        self.listener.close()
-        try:
-            os.unlink(self.lane_path)
-        except OSError:
-            pass
+        if self.listener is not None:
+            self.listener.close()
+            try:
+                os.unlink(self.lane_path)
+            except OSError:
+                pass
         self.router.close()             # lingers up to 1 s for the last replies
         self.zctx.term()
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from dragon_nb.runtime.client import (drain_events, exit_reason, get_runtime,
+from dragon_nb.runtime.client import (Runtime, drain_events, exit_reason, get_runtime,
                                       register_entry_module, zmq_context)
 from dragon_nb.runtime.launch import caller_environment
 from dragon_nb.wire import protocol as P
@@ -53,8 +53,26 @@ def stage(func, workers: int = 1, nodes=None) -> Stage:
         raise TypeError(f"a stage needs a callable, not {func!r}")
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, not {workers!r}")
-    return Stage(func, workers, list(nodes) if nodes is not None else None,
-                 getattr(func, "__qualname__", repr(func)))
+    return Stage(func, workers, _node_ids(nodes), getattr(func, "__qualname__", repr(func)))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _node_ids(nodes):
+    """``nodes=``: None, or node ids (ints) -> a list; anything else a TypeError."""
+    if nodes is None:
+        return None
+    if isinstance(nodes, (str, bytes)) or not hasattr(nodes, "__iter__"):
+        raise TypeError(f"nodes must be a list of node ids (ints), not {nodes!r}")
+    nodes = list(nodes)
+    bad = [n for n in nodes if not _is_int(n)]
+    if bad:
+        raise TypeError(f"nodes must be a list of node ids (ints); {bad[0]!r} is not one")
+    if not nodes:
+        raise ValueError("nodes must name at least one node id")
+    return nodes
 
 
 @dataclass
@@ -68,6 +86,14 @@ class NodeSource:
 
 def on_node(gen_func, *args, node: int | None = None, batch: int = 16) -> NodeSource:
     """A source run on a node: ``gen_func(*args)`` is iterated there, not in the caller."""
+    if not callable(gen_func):
+        raise TypeError(f"on_node needs a generator function, not {gen_func!r}")
+    if node is not None and not _is_int(node):
+        raise TypeError(f"node must be a node id (int) or None, not {node!r}")
+    if not _is_int(batch):
+        raise TypeError(f"batch must be a positive integer, not {batch!r}")
+    if batch < 1:
+        raise ValueError(f"batch must be a positive integer, not {batch!r}")
     return NodeSource(gen_func, args, node, batch, getattr(gen_func, "__qualname__", "source"))
 
 
@@ -97,66 +123,80 @@ class Pipeline:
         for st in stages:
             if not isinstance(st, Stage):
                 raise TypeError(f"pipeline stages are made with stage(func, ...), not {st!r}")
+        if not isinstance(source, NodeSource) and not (hasattr(source, "__iter__") or
+                                                       hasattr(source, "__getitem__")):
+            raise TypeError(f"the source must be an iterable or on_node(gen_func, ...), "
+                            f"not {source!r}")
+        if into is not None and not hasattr(into, "__setitem__"):
+            raise TypeError(f"into must be a mapping (such as a DDict) that results are "
+                            f"stored in, not {into!r}")
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a function key(position, value), not {key!r}")
+        if not _is_int(queue_depth):
+            raise TypeError(f"queue_depth must be a positive integer, not {queue_depth!r}")
+        if queue_depth < 1:
+            raise ValueError(f"queue_depth must be a positive integer, not {queue_depth!r}")
+        if runtime is not None and not isinstance(runtime, Runtime):
+            raise TypeError(f"runtime must be a dragon_nb.Runtime or None, not {runtime!r}")
         self.runtime = runtime or get_runtime()
         self.stages = stages
         self.ordered = ordered
         self.owner = f"pipe-{uuid.uuid4().hex[:10]}"
-        self.hwm = max(1, int(queue_depth))
-        rundir = self.runtime.rundir
-        base = f"ipc://{rundir}/{self.owner}"
+        self.hwm = queue_depth
+        net = self.runtime.network
         ctx = zmq_context()
-        self.codec = P.Codec()
+        self.codec = net.codec()
         self._closed = False
         self._lock = threading.Lock()
-        self.control = ctx.socket(zmq.PUB)
-        self.control.bind(f"{base}-ctl")
+        self.control = net.prepare(ctx.socket(zmq.PUB))
+        control = net.bind(self.control, f"{self.owner}-ctl")
         self.exits = self.runtime.subscribe(P.TOPIC_EXIT + self.owner.encode())
+        # workers bind their outputs where they run and say where on the report socket
+        self.report = net.prepare(ctx.socket(zmq.ROUTER))
+        report = net.bind(self.report, f"{self.owner}-rep")
         self.procs: list = []                       # (stage index, node, pid)
+        self.local_nodes = {n["id"] for n in self.runtime.nodes() if not n.get("remote")}
         env = caller_environment()
-        # -- the source ----------------------------------------------------------
+        common = {**env, "control": control, "report": report, "hwm": self.hwm}
         self.total_batches = None
         self.source_failure = None
         self.items_sent = 0
         self._rate = 0.0
-        if isinstance(source, NodeSource):
-            self.report = ctx.socket(zmq.ROUTER)
-            self.report.bind(f"{base}-rep")
-            spec = {**env, "source": S.dumps_inline((source.func, source.args)),
-                    "output": f"{base}-src", "report": f"{base}-rep",
-                    "control": f"{base}-ctl", "hwm": self.hwm, "batch": source.batch}
-            self._spawn(SOURCE_ENTRY, spec, -1, [source.node] if source.node is not None else None)
-            self.feeder = None
-        else:
-            self.report = None
-            self.source_push = ctx.socket(zmq.PUSH)
-            self.source_push.setsockopt(zmq.SNDHWM, self.hwm)
-            self.source_push.bind(f"{base}-src")
-            self.feeder = threading.Thread(target=self._feed, args=(iter(source),),
-                                           name=f"dragon-nb {self.owner} source", daemon=True)
-        # -- the stages ------------------------------------------------------------
-        inputs = [f"{base}-src"]
+        self.feeder = None
+        # Built from the sink back to the source: every process binds where it
+        # *receives* (a PULL) and connects where it sends, so a peer that reaches
+        # a bound socket can offer items (signed, or dropped) but never take any.
+        self.sink = net.prepare(ctx.socket(zmq.PULL))
+        self.sink.setsockopt(zmq.RCVHWM, self.hwm)
+        outputs = [net.bind(self.sink, f"{self.owner}-sink")]
         try:
-            for k, st in enumerate(stages):
-                outputs = []
+            for k in reversed(range(len(stages))):
+                st, last = stages[k], k == len(stages) - 1
+                func = S.dumps_function(st.func)
                 for i in range(st.workers):
-                    out = f"{base}-s{k}-{i}"
-                    last = k == len(stages) - 1
-                    spec = {**env, "stage": k, "name": st.name, "func": S.dumps_function(st.func),
-                            "inputs": inputs, "output": out, "control": f"{base}-ctl",
-                            "hwm": self.hwm,
+                    spec = {**common, "stage": k, "index": i, "name": st.name, "func": func,
+                            "input": f"{self.owner}-s{k}-{i}", "outputs": outputs,
                             "into": S.dumps_inline(into) if (last and into is not None) else None,
                             "key": S.dumps_inline(key) if (last and key is not None) else None}
                     nodes = [st.nodes[i % len(st.nodes)]] if st.nodes else None
                     self._spawn(STAGE_ENTRY, spec, k, nodes)
-                    outputs.append(out)
-                inputs = outputs
+                outputs = self._inputs(k, st.workers)
+            if isinstance(source, NodeSource):
+                spec = {**common, "source": S.dumps_inline((source.func, source.args)),
+                        "outputs": outputs, "batch": source.batch}
+                self._spawn(SOURCE_ENTRY, spec, -1,
+                            [source.node] if source.node is not None else None)
+            else:
+                self.source_push = net.prepare(ctx.socket(zmq.PUSH))
+                self.source_push.setsockopt(zmq.SNDHWM, self.hwm)
+                for addr in outputs:
+                    self.source_push.connect(addr)
+                self.feeder = threading.Thread(target=self._feed, args=(iter(source),),
+                                               name=f"dragon-nb {self.owner} source",
+                                               daemon=True)
         except BaseException:
             self.close()
             raise
-        self.sink = ctx.socket(zmq.PULL)
-        self.sink.setsockopt(zmq.RCVHWM, self.hwm)
-        for addr in inputs:
-            self.sink.connect(addr)
         self._pending: dict = {}          # seq -> (start, values, failures), when ordered
         self._next_seq = 0
         self._received = 0
@@ -164,6 +204,27 @@ class Pipeline:
         self._source_error = None
         if self.feeder is not None:
             self.feeder.start()
+
+    def _inputs(self, stage_index: int, count: int) -> list[str]:
+        """Wait for the ``count`` workers of a stage to say where they bound their input."""
+        found: dict[int, str] = {}
+        deadline = time.monotonic() + self.runtime.timeout
+        while len(found) < count:
+            if time.monotonic() > deadline:
+                raise PipelineError(f"stage {stage_index}'s workers did not start within "
+                                    f"{self.runtime.timeout:g} s")
+            if self.exits.poll(0):
+                self._on_exit()
+            if not self.report.poll(100):
+                continue
+            try:
+                _, *frames = self.report.recv_multipart()
+                kind, body, _ = self.codec.decode(frames)
+            except (P.ProtocolError, ValueError):
+                continue
+            if kind == P.BOUND and body.get("stage") == stage_index:
+                found[body["index"]] = body["input"]
+        return [found[i] for i in range(count)]
 
     def _spawn(self, entry, spec, stage_index, nodes):
         owner = f"{self.owner}.s{stage_index}" if stage_index >= 0 else f"{self.owner}.src"
@@ -205,8 +266,12 @@ class Pipeline:
                     return
         except Exception as e:                  # pickling an item failed, say
             from dragon_nb.pipeline.stage_worker import StageFailure
-            self.source_failure = StageFailure(-1, "source", start, 0, e)
+            if not self._closed:
+                self.source_failure = StageFailure(-1, "source", start, 0, e)
             self.total_batches = seq
+        finally:
+            if self._closed:         # close() left the socket to us: we were still using it
+                self.source_push.close(linger=0)
 
     # -- results -----------------------------------------------------------------------
     def __iter__(self):
@@ -270,12 +335,18 @@ class Pipeline:
             self._on_exit()
         if self.report is not None and self.report in events:
             _, *frames = self.report.recv_multipart()
-            kind, body, rest = self.codec.decode(frames)
+            try:
+                kind, body, rest = self.codec.decode(frames)
+            except (P.ProtocolError, ValueError):
+                kind = None
             if kind == P.PIPE_END:
                 self.total_batches = body["batches"]
                 self.source_failure = S.loads(rest[0]) if rest else None
         if self.sink in events:
-            kind, body, rest = self.codec.decode(self.sink.recv_multipart(copy=False))
+            try:
+                kind, body, rest = self.codec.decode(self.sink.recv_multipart(copy=False))
+            except P.ProtocolError:
+                return
             values, failures = S.loads(rest[0], rest[1:])
             self._received += 1
             if not self.ordered:
@@ -343,17 +414,27 @@ class Pipeline:
             pass
         deadline = time.monotonic() + 2.0
         procs = [(n, p) for _, n, p in self.procs]
+        local = [(n, p) for n, p in procs if n in self.local_nodes]
         if self.runtime.alive and procs:
-            # give them a moment to see the stop, then make sure
-            while time.monotonic() < deadline and self._any_alive(procs):
+            # give them a moment to see the stop, then make sure (pids on other hosts
+            # cannot be looked at from here: those are killed through their agents)
+            while time.monotonic() < deadline and self._any_alive(local):
                 time.sleep(0.02)
-            alive = [(n, p) for n, p in procs if self._is_alive(n, p)]
+            alive = [(n, p) for n, p in procs if n not in self.local_nodes
+                     or self._is_alive(n, p)]
             if alive:
-                self.runtime.kill(alive, signal.SIGKILL)
-        if self.feeder is not None and self.feeder.is_alive() and \
-                self.feeder is not threading.current_thread():
+                try:
+                    self.runtime.kill(alive, signal.SIGKILL)
+                except Exception:
+                    pass
+        feeding = self.feeder is not None and self.feeder.is_alive() and \
+            self.feeder is not threading.current_thread()
+        if feeding:
             self.feeder.join(1.0)
+            feeding = self.feeder.is_alive()
         for sock in ("control", "exits", "sink", "source_push", "report"):
+            if sock == "source_push" and feeding:
+                continue         # the feeder, stuck in the source's next(), closes it
             s = getattr(self, sock, None)
             if s is not None:
                 s.close(linger=0)

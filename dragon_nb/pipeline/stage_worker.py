@@ -2,8 +2,10 @@
 function to each item, push the results downstream.
 
 Stages are wired worker-to-worker with PUSH/PULL sockets: each worker binds
-its own output and connects to every worker of the stage before it, so items
-never pass through the caller between stages. The sockets' high-water marks
+its own input (and tells the caller where, BOUND) and connects to every
+worker of the next stage, so items never pass through the caller between
+stages, and a stranger who reaches a bound socket can offer items (dropped
+unless signed) but never take one. The sockets' high-water marks
 bound every queue: a slow stage blocks its upstream, and so on back to the
 source. A failing item becomes an error record that later stages pass
 through untouched, so the caller can raise it at its position.
@@ -51,17 +53,20 @@ class StageWorker:
     def __init__(self, spec: dict, ctx):
         self.spec, self.ctx = spec, ctx
         self.zctx = zmq.Context()
-        self.pull = self.zctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.RCVHWM, spec["hwm"])
-        for addr in spec["inputs"]:
-            self.pull.connect(addr)
-        self.push = self.zctx.socket(zmq.PUSH)
-        self.push.setsockopt(zmq.SNDHWM, spec["hwm"])
-        self.push.bind(spec["output"])
-        self.control = self.zctx.socket(zmq.SUB)
+        net = ctx.network
+        self.codec = net.codec()
+        self.control = net.prepare(self.zctx.socket(zmq.SUB))
         self.control.setsockopt(zmq.SUBSCRIBE, b"")
         self.control.connect(spec["control"])
-        self.codec = P.Codec()
+        self.push = _connect_push(self.zctx, net, spec)
+        self.pull = net.prepare(self.zctx.socket(zmq.PULL))
+        self.pull.setsockopt(zmq.RCVHWM, spec["hwm"])
+        address = net.bind(self.pull, spec["input"])
+        report = net.prepare(self.zctx.socket(zmq.DEALER))
+        report.connect(spec["report"])
+        report.send_multipart(self.codec.encode(P.BOUND, {
+            "stage": spec["stage"], "index": spec["index"], "input": address}))
+        report.close(linger=2000)
         self.counters = ctx.counters
         self.items_in = self.items_out = 0
 
@@ -135,6 +140,15 @@ class StageWorker:
             self.zctx.term()
 
 
+def _connect_push(zctx, net, spec):
+    """Where this process sends: every worker of the next stage (or the caller's sink)."""
+    push = net.prepare(zctx.socket(zmq.PUSH))
+    push.setsockopt(zmq.SNDHWM, spec["hwm"])
+    for addr in spec["outputs"]:
+        push.connect(addr)
+    return push
+
+
 def main(spec_bytes: bytes, ctx) -> int:
     spec = S.loads(spec_bytes)
     adopt_caller_environment(spec)
@@ -147,15 +161,14 @@ def source_main(spec_bytes: bytes, ctx) -> int:
     adopt_caller_environment(spec)
     gen_func, args = S.loads(spec["source"])
     zctx = zmq.Context()
-    push = zctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.SNDHWM, spec["hwm"])
-    push.bind(spec["output"])
-    report = zctx.socket(zmq.DEALER)
+    net = ctx.network
+    push = _connect_push(zctx, net, spec)
+    report = net.prepare(zctx.socket(zmq.DEALER))
     report.connect(spec["report"])
-    control = zctx.socket(zmq.SUB)
+    control = net.prepare(zctx.socket(zmq.SUB))
     control.setsockopt(zmq.SUBSCRIBE, b"")
     control.connect(spec["control"])
-    codec = P.Codec()
+    codec = net.codec()
     batch, seq, count, error = [], 0, 0, None
     size = spec["batch"]
 

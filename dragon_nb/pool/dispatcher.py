@@ -19,7 +19,6 @@ import contextvars
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -158,12 +157,12 @@ class Dispatcher:
         self.maxtasks = maxtasks
         self.nodes = nodes
         self.owner = f"pool-{uuid.uuid4().hex[:12]}"
-        self.address = f"ipc://{runtime.rundir}/{self.owner}"
-        self.hostname = socket.gethostname()
-        self.local_nodes = {n["id"] for n in runtime.nodes() if n["hostname"] == self.hostname}
+        # nodes whose agents the head started: on this host, so pids can be signalled here
+        self.local_nodes = {n["id"] for n in runtime.nodes() if not n.get("remote")}
         ctx = zmq_context()
-        self.router = P.Channel(ctx.socket(zmq.ROUTER), P.Codec(), routed=True)
-        self.router.sock.bind(self.address)
+        net = runtime.network
+        self.router = P.Channel(net.prepare(ctx.socket(zmq.ROUTER)), net.codec(), routed=True)
+        self.address = net.bind(self.router.sock, self.owner)
         self.sub = runtime.subscribe(P.TOPIC_EXIT + self.owner.encode())
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)

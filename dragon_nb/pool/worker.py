@@ -121,11 +121,12 @@ class Worker:
         self.counters = ctx.counters
         self.wid = f"w{ctx.node}-{os.getpid()}".encode()
         self.zctx = zmq.Context()
-        sock = self.zctx.socket(zmq.DEALER)
+        net = ctx.network
+        sock = net.prepare(self.zctx.socket(zmq.DEALER))
         sock.setsockopt(zmq.IDENTITY, self.wid)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.connect(spec["address"])
-        self.chan = P.Channel(sock, P.Codec())
+        self.chan = P.Channel(sock, net.codec())
         self.queue: collections.deque = collections.deque()
         self.funcs: collections.OrderedDict = collections.OrderedDict()
         self.cancelled: set = set()

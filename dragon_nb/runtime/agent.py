@@ -7,7 +7,11 @@ any fork, so a new worker costs a fork, not an interpreter start). It reports
 exits, and a few times a second publishes the node's figures: processes, CPU,
 RSS and the counters its children keep in shared memory.
 
-Run as ``python -m dragon_nb.runtime.agent --head ADDR --node ID ...``.
+Run as ``python -m dragon_nb.runtime.agent --head ADDR --node ID ...`` by the
+head, or as ``dragon-nb agent --connect tcp://HEAD:PORT --key-file FILE`` on
+another host, to join a running runtime as a new node: it then reports this
+host's cores, memory and name, and lives while it hears from the head (pings)
+and, when launched with the key on standard input, while that pipe is open.
 """
 from __future__ import annotations
 
@@ -25,11 +29,14 @@ from dataclasses import dataclass, field
 import psutil
 import zmq
 
-from dragon_nb.runtime import launch
+from dragon_nb.runtime import launch, network
 from dragon_nb.runtime.counters import CUMULATIVE, FIELDS, CounterBlock, Counters
 from dragon_nb.wire import protocol as P
 
 log = logging.getLogger("dragon_nb.agent")
+
+JOIN_TIMEOUT_S = 10.0      # a head that does not welcome us by then: wrong key or address
+HEAD_TIMEOUT_S = 10.0      # an agent on another host that hears nothing this long stops
 
 
 @dataclass
@@ -42,6 +49,7 @@ class ServiceContext:
     owner: str
     index: int                     # position among the processes of one spawn request
     counters: Counters = field(repr=False, default=None)
+    network: network.Network | None = field(repr=False, default=None)
 
 
 @dataclass
@@ -53,12 +61,15 @@ class Child:
 
 
 class Agent:
-    def __init__(self, args):
+    def __init__(self, args, net: network.Network):
         self.args = args
+        self.net = net
         self.node = args.node
+        self.joining = args.node is None          # from another host: the head names us
         self.hostname = socket.gethostname()
-        self.cpus = [int(c) for c in args.cpus.split(",") if c]
-        self.mem = args.mem
+        self.cpus = [int(c) for c in args.cpus.split(",") if c] or \
+            sorted(os.sched_getaffinity(0))
+        self.mem = args.mem or psutil.virtual_memory().total
         self.counters = CounterBlock()
         self.children: dict[int, Child] = {}
         self.retired: dict[str, list] = {}     # owner -> summed counters of exited children
@@ -71,9 +82,12 @@ class Agent:
         signal.set_wakeup_fd(self.sig_w)
         signal.signal(signal.SIGCHLD, lambda *a: None)
         self.ctx = zmq.Context()
-        self.chan = P.Channel(self.ctx.socket(zmq.DEALER), P.Codec())
-        self.chan.sock.setsockopt(zmq.IDENTITY, f"agent-{self.node}".encode())
+        self.chan = P.Channel(net.prepare(self.ctx.socket(zmq.DEALER)), net.codec())
+        ident = f"agent-{self.node}" if not self.joining else \
+            f"agent-{self.hostname}-{self.pid}-{os.urandom(4).hex()}"
+        self.chan.sock.setsockopt(zmq.IDENTITY, ident.encode())
         self.chan.sock.connect(args.head)
+        self.heard = time.monotonic()
         self.self_ps = psutil.Process()
 
     # -- spawning -------------------------------------------------------------
@@ -103,7 +117,7 @@ class Agent:
                     os.close(fd)
             ctx = ServiceContext(node=self.node, hostname=self.hostname, cpus=self.cpus,
                                  physical_mem=self.mem, owner=body["owner"], index=index,
-                                 counters=self.counters.view(slot))
+                                 counters=self.counters.view(slot), network=self.net)
             module, _, func = body["entry"].partition(":")
             result = getattr(importlib.import_module(module), func)(body["spec"], ctx)
             code = result if isinstance(result, int) else 0
@@ -201,10 +215,40 @@ class Agent:
             self.reap()
             time.sleep(0.01)
 
-    def run(self):
-        self.chan.send(P.EVT, {"op": "register", "node": self.node,
+    def join(self) -> None:
+        """Register with the head; a joining agent waits to be welcomed and named."""
+        self.chan.send(P.EVT, {"op": "register", "node": self.node, "name": self.args.name,
                                "hostname": self.hostname, "pid": self.pid,
-                               "cpus": self.cpus, "physical_mem": self.mem})
+                               "cpus": self.cpus, "physical_mem": self.mem,
+                               "address": self.net.host})
+        if not self.joining:
+            return
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not self.chan.sock.poll(100):
+                continue
+            try:
+                _, kind, body, _ = self.chan.recv()
+            except P.ProtocolError as e:
+                log.warning("dropped a message that fails the check: %s", e)
+                continue
+            if isinstance(body, dict) and body.get("op") == "welcome":
+                self.node = int(body["node"])
+                self.args.telemetry_interval = float(body.get("telemetry_interval", 0.25))
+                for module in filter(None, (body.get("preload") or "").split(",")):
+                    importlib.import_module(module)
+                log.info("joined %s as node %s", self.args.head, self.node)
+                self.heard = time.monotonic()
+                return
+            if isinstance(body, dict) and body.get("op") == "goodbye":
+                raise SystemExit(f"dragon-nb agent: the head sent this agent away: "
+                                 f"{body.get('why')}")
+        raise SystemExit(f"dragon-nb agent: the head at {self.args.head} did not welcome "
+                         f"this agent within {JOIN_TIMEOUT_S:g} s: a wrong or missing key, "
+                         f"or an address this host cannot reach")
+
+    def run(self):
+        self.join()
         poller = zmq.Poller()
         poller.register(self.chan.sock, zmq.POLLIN)
         poller.register(self.sig_r, zmq.POLLIN)
@@ -212,7 +256,8 @@ class Agent:
             poller.register(self.lifeline_fd, zmq.POLLIN)
         interval = self.args.telemetry_interval
         next_tel = time.monotonic()
-        while True:
+        self.running = True
+        while self.running:
             timeout = max(0.0, next_tel - time.monotonic())
             events = dict(poller.poll(timeout * 1000))
             if self.lifeline_fd is not None and self.lifeline_fd in events:
@@ -235,8 +280,12 @@ class Agent:
                         continue
                     if not isinstance(body, dict):
                         continue
+                    self.heard = time.monotonic()
                     op = body.get("op")
-                    if kind == P.REQ and op == "spawn":
+                    if op == "goodbye":
+                        log.warning("the head sent this agent away: %s", body.get("why"))
+                        self.running = False
+                    elif kind == P.REQ and op == "spawn":
                         try:
                             pids = self.spawn(body)
                             self.chan.send(P.REP, {"rid": body["rid"], "ok": True, "pids": pids})
@@ -248,32 +297,82 @@ class Agent:
             if time.monotonic() >= next_tel:
                 self.telemetry()
                 next_tel = time.monotonic() + interval
+            if self.joining and time.monotonic() - self.heard > HEAD_TIMEOUT_S:
+                log.warning("no word from the head for %g s: stopping", HEAD_TIMEOUT_S)
+                break
         self.stop_children()
         self.chan.close(linger=0)
         self.ctx.term()
 
 
+def arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    ap.add_argument("--head", "--connect", dest="head", required=True,
+                    help="the head's address, e.g. tcp://10.0.0.1:5555")
+    ap.add_argument("--key-file", default=None,
+                    help="the runtime's connection file (0600), or - to read the key "
+                         "from standard input (which then stays open as a lifeline)")
+    ap.add_argument("--name", default=None, help="this node's name (default: hostname)")
+    ap.add_argument("--listen", default=None,
+                    help="address to bind this host's endpoints on (default: the "
+                         "interface that routes to the head)")
+    ap.add_argument("--node", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--cpus", default="", help="cores to report (default: this host's)")
+    ap.add_argument("--mem", type=int, default=0, help="memory to report, bytes")
+    ap.add_argument("--telemetry-interval", type=float, default=0.25, help=argparse.SUPPRESS)
+    ap.add_argument("--preload", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)
+    return ap
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="dragon_nb.runtime.agent")
-    ap.add_argument("--head", required=True)
-    ap.add_argument("--node", type=int, required=True)
-    ap.add_argument("--cpus", default="")
-    ap.add_argument("--mem", type=int, default=0)
-    ap.add_argument("--telemetry-interval", type=float, default=0.25)
-    ap.add_argument("--preload", default="")
-    ap.add_argument("--parent-pid", type=int)
-    ap.add_argument("--lifeline-fd", type=int)
-    args = ap.parse_args(argv)
-    launch.set_pdeathsig(signal.SIGKILL)
-    if args.parent_pid and os.getppid() != args.parent_pid:
-        return 1
+    args = arguments(argparse.ArgumentParser(prog="dragon_nb.runtime.agent")).parse_args(argv)
+    if args.node is not None:            # started by the head: tied to it
+        launch.set_pdeathsig(signal.SIGKILL)
+        if args.parent_pid and os.getppid() != args.parent_pid:
+            return 1
     logging.basicConfig(level=os.environ.get("DRAGON_NB_LOGLEVEL", "WARNING"),
-                        format=f"dragon-nb agent {args.node}: %(message)s")
+                        format=f"dragon-nb agent {args.name or args.node or ''}: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    key = None
+    if args.key_file:
+        try:
+            key = network.read_key_file(args.key_file)[0]
+        except (OSError, ValueError) as e:
+            print(f"dragon-nb agent: {e}", file=sys.stderr)
+            return 2
+        if args.key_file == "-" and args.lifeline_fd is None:
+            args.lifeline_fd = 0          # the launcher's pipe: EOF when the head goes
+    elif args.head.startswith("tcp://"):
+        print("dragon-nb agent: a TCP head needs the runtime's key: --key-file FILE",
+              file=sys.stderr)
+        return 2
     for module in filter(None, args.preload.split(",")):
         importlib.import_module(module)     # so forked children start warm
-    Agent(args).run()
+    if args.node is not None:
+        rundir = os.path.dirname(args.head[len("ipc://"):]) if args.head.startswith("ipc://") \
+            else launch.make_runtime_dir()
+        host = args.listen
+    else:
+        rundir = launch.make_runtime_dir()
+        host = args.listen or network.route_source(_head_host(args.head))
+    net = network.Network(rundir, host if key is not None else None, key)
+    network.set_current(net)
+    try:
+        Agent(args, net).run()
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return 2
+    finally:
+        if args.node is None:
+            launch.remove_runtime_dir(rundir)
     return 0
+
+
+def _head_host(address: str) -> str:
+    hostport = address.split("://", 1)[-1]
+    host = hostport.rsplit(":", 1)[0].strip("[]")
+    return socket.gethostbyname(host) if ":" not in host else host
 
 
 if __name__ == "__main__":

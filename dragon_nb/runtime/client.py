@@ -16,7 +16,8 @@ import weakref
 
 import zmq
 
-from dragon_nb.runtime import launch
+from dragon_nb.runtime import hosts as hosts_mod
+from dragon_nb.runtime import launch, network
 from dragon_nb.wire import protocol as P
 
 DEFAULT_TIMEOUT = 30.0
@@ -44,13 +45,26 @@ def zmq_context() -> zmq.Context:
 
 
 class Runtime:
-    """A running head and its agents, on virtual nodes of this host."""
+    """A running head and its agents: ``nodes`` virtual nodes on this host, and
+    one node on each of ``hosts`` (agents started there with ``launcher``).
+
+    With ``hosts`` or ``listen`` the head also binds TCP on ``listen`` (an
+    address or interface name; default: the interface that routes to the
+    first host, never all interfaces) and every message is signed with a key
+    kept in the 0600 ``connection_file``; agents started by hand join with
+    ``dragon-nb agent --connect <tcp_address> --key-file <connection_file>``.
+    """
 
     def __init__(self, nodes: int = 1, workers_per_node: int | None = None, *,
                  cpus_per_node: int | None = None, telemetry_interval: float = 0.25,
-                 timeout: float = DEFAULT_TIMEOUT):
-        if not isinstance(nodes, int) or nodes < 1:
+                 timeout: float = DEFAULT_TIMEOUT, hosts=None, listen: str | None = None,
+                 launcher: str = "ssh", port: int = 0):
+        hosts = _host_list(hosts)
+        networked = bool(hosts) or listen is not None
+        if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < (0 if networked else 1):
             raise ValueError(f"nodes must be a positive integer, not {nodes!r}")
+        if not isinstance(port, int) or not 0 <= port < 65536:
+            raise ValueError(f"port must be 0 (any free port) or a TCP port, not {port!r}")
         if workers_per_node is not None and (not isinstance(workers_per_node, int)
                                              or workers_per_node < 1):
             raise ValueError(f"workers_per_node must be a positive integer, "
@@ -59,6 +73,9 @@ class Runtime:
                                           or cpus_per_node < 1):
             raise ValueError(f"cpus_per_node must be a positive integer, "
                              f"not {cpus_per_node!r}")
+        if networked:
+            hosts_mod.launch_commands(hosts, launcher, "tcp://HEAD:PORT", "FILE")  # checks
+            host = network.resolve_interface(listen, hosts)
         self.n_nodes = nodes
         self.workers_per_node = workers_per_node
         self.timeout = timeout
@@ -67,22 +84,36 @@ class Runtime:
         self._lock = threading.Lock()
         self._rids = itertools.count(1)
         self._closed = False
+        self.connection_file = self.tcp_address = None
+        net_args = []
+        if networked:
+            key = network.new_key()
+            self.connection_file = network.write_connection_file(
+                os.path.join(self.rundir, network.CONNECTION_FILE), key)
+            self.network = network.Network(self.rundir, host, key)
+            net_args = ["--listen", host, "--key-file", self.connection_file,
+                        "--port", str(port), "--hosts", ",".join(hosts),
+                        "--launcher", launcher]
+        else:
+            self.network = network.Network(self.rundir)
         try:
             self._proc, self._lifeline = launch.start_child("dragon_nb.runtime.head", [
                 "--rundir", self.rundir, "--nodes", str(nodes),
                 *(["--cpus-per-node", str(cpus_per_node)] if cpus_per_node else []),
                 "--telemetry-interval", str(telemetry_interval),
-                "--preload", ",".join(ENTRY_MODULES)])
+                "--preload", ",".join(ENTRY_MODULES), *net_args])
             self.address = f"ipc://{self.rundir}/head"
-            self._chan = P.Channel(zmq_context().socket(zmq.DEALER), P.Codec())
+            self._chan = P.Channel(zmq_context().socket(zmq.DEALER), self.network.codec())
             self._chan.sock.connect(self.address)
-            reply = self.request("ready", timeout=timeout)
+            reply = self.request("ready", timeout=timeout + 10.0 * bool(hosts))
         except BaseException:
             self._abort()
             raise
         _lifelines.add(self._lifeline)
         self.events_address = reply["events"]
+        self.tcp_address = reply.get("tcp_address")
         self._nodes = reply["nodes"]
+        network.set_current(self.network)     # what DDict handles in this process sign with
         self._finalizer = weakref.finalize(self, _finalize, self._proc, self._lifeline,
                                            self.rundir, 5.0, self.pid)
 
@@ -104,8 +135,11 @@ class Runtime:
                     raise TimeoutError(f"the runtime head did not answer {op!r} "
                                        f"within {timeout:g} s")
                 if self._chan.sock.poll(min(left, 0.2) * 1000):
-                    _, kind, reply, _ = self._chan.recv()
-                    if kind == P.REP and reply.get("rid") == rid:
+                    try:
+                        _, kind, reply, _ = self._chan.recv()
+                    except P.ProtocolError:
+                        continue
+                    if kind == P.REP and isinstance(reply, dict) and reply.get("rid") == rid:
                         break
                 elif self._proc.poll() is not None:
                     raise RuntimeError(f"the runtime head exited "
@@ -148,6 +182,7 @@ class Runtime:
         """A SUB socket on the head's event stream (telemetry, exits, nodes);
         read it with ``drain_events``."""
         sock = (context or zmq_context()).socket(zmq.SUB)
+        _event_codecs[sock] = self.network.codec()
         for t in topics:
             sock.setsockopt(zmq.SUBSCRIBE, t)
         sock.connect(self.events_address)
@@ -167,6 +202,8 @@ class Runtime:
             self._closed = True
             self._abort(timeout)
             self._finalizer.detach()
+            if network.current() is self.network:
+                network.set_current(None)
 
     def _abort(self, timeout: float = 5.0):
         self._closed = True
@@ -182,12 +219,21 @@ class Runtime:
     def __exit__(self, *exc):
         self.stop()
 
+    def join_command(self) -> str | None:
+        """How an agent on another host joins this runtime (None: not listening)."""
+        if self.tcp_address is None:
+            return None
+        return (f"dragon-nb agent --connect {self.tcp_address} "
+                f"--key-file {self.connection_file}")
+
     def __repr__(self):
         state = "running" if self.alive else "stopped"
-        return f"<dragon_nb.Runtime {state} nodes={self.n_nodes} dir={self.rundir}>"
+        where = f" listening on {self.tcp_address}" if self.tcp_address else ""
+        return f"<dragon_nb.Runtime {state} nodes={self.n_nodes}{where} dir={self.rundir}>"
 
 
 _EVENT_CODEC = P.Codec()
+_event_codecs: "weakref.WeakKeyDictionary[zmq.Socket, P.Codec]" = weakref.WeakKeyDictionary()
 
 
 def drain_events(sock: zmq.Socket):
@@ -199,7 +245,7 @@ def drain_events(sock: zmq.Socket):
         except zmq.Again:
             return
         try:
-            _, body, _ = _EVENT_CODEC.decode(frames[1:])      # [topic, kind, body]
+            _, body, _ = _event_codecs.get(sock, _EVENT_CODEC).decode(frames[1:])
         except P.ProtocolError:
             continue
         if isinstance(body, dict):
@@ -209,6 +255,21 @@ def drain_events(sock: zmq.Socket):
 def exit_reason(code) -> str:
     """How a process of an ``exit.<owner>`` event ended, for error messages."""
     return "was killed" if code is None or code < 0 else f"exited with code {code}"
+
+
+def _host_list(hosts) -> list[str]:
+    if hosts is None:
+        return []
+    if isinstance(hosts, str):
+        hosts = hosts.split(",")
+    try:
+        out = [str(h).strip() for h in hosts]
+    except TypeError:
+        raise TypeError(f"hosts must be a list of host names or a comma-separated "
+                        f"string, not {hosts!r}") from None
+    if not all(out) or len(set(out)) != len(out):
+        raise ValueError(f"hosts must be distinct, non-empty names, not {hosts!r}")
+    return out
 
 
 def _finalize(proc, lifeline, rundir, timeout: float = 5.0, owner_pid: int | None = None):

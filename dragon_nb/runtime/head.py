@@ -5,6 +5,13 @@ workers, DDict managers, ...) on nodes, relays spawn/kill requests to agents,
 fans telemetry and exit events out on one PUB socket, and tears everything
 down when its client goes away. Tasks and results never pass through it.
 
+With ``--listen ADDR`` it also binds TCP on that address, signs every message
+with the runtime's key (``--key-file``), and takes agents that join from other
+hosts: launched by it (``--hosts``, ``--launcher``) or started by hand with
+``dragon-nb agent --connect``. Agents on other hosts are not its children, so
+their liveness is a heartbeat: telemetry one way, pings the other; a node
+silent for ``NODE_TIMEOUT_S`` is lost, just as if its agent had died here.
+
 Run as ``python -m dragon_nb.runtime.head --rundir DIR --nodes N ...``.
 """
 from __future__ import annotations
@@ -15,18 +22,22 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import psutil
 import zmq
 
-from dragon_nb.runtime import launch
+from dragon_nb.runtime import hosts as hosts_mod
+from dragon_nb.runtime import launch, network
 from dragon_nb.wire import protocol as P
 
 log = logging.getLogger("dragon_nb.head")
 
 AGENT_POLL_S = 0.1
 SHUTDOWN_GRACE_S = 2.0
+NODE_TIMEOUT_S = 3.0       # an agent on another host silent this long is lost
+PING_S = 1.0               # how often agents on other hosts hear from the head
 
 
 def split_host(nodes: int, cpus_per_node: int | None = None) -> list[dict]:
@@ -56,42 +67,115 @@ class Head:
         self.args = args
         self.rundir = args.rundir
         self.ctx = zmq.Context()
-        self.codec = P.Codec()
-        self.router = P.Channel(self.ctx.socket(zmq.ROUTER), self.codec, routed=True)
+        key = network.read_key_file(args.key_file)[0] if args.key_file else None
+        self.net = network.Network(self.rundir, args.listen, key)
+        self.codec = self.net.codec()
+        self.router = P.Channel(self.net.prepare(self.ctx.socket(zmq.ROUTER)), self.codec,
+                                routed=True)
         self.router.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.address = f"ipc://{self.rundir}/head"
+        self.address = f"ipc://{self.rundir}/head"      # this host's processes
         self.router.sock.bind(self.address)
-        self.pub = P.Channel(self.ctx.socket(zmq.PUB), self.codec)
+        self.pub = P.Channel(self.net.prepare(self.ctx.socket(zmq.PUB)), self.codec)
         self.events_address = f"ipc://{self.rundir}/events"
         self.pub.sock.bind(self.events_address)
+        self.tcp_address = self.tcp_events = None       # other hosts' processes
+        if self.net.tcp:
+            self.tcp_address = self._bind_tcp(self.router.sock, args.port)
+            self.tcp_events = self.net.bind(self.pub.sock, "events")
+            network.write_connection_file(args.key_file, key, head=self.tcp_address,
+                                          events=self.tcp_events)
         self.nodes: dict[int, dict] = {}           # node id -> info (+ "ident", "alive")
         self.agents: dict[int, tuple] = {}         # node id -> (Popen, lifeline wfd)
+        self.launched: list[tuple] = []            # (host, Popen, stdin) of launchers
         self.procs: dict[tuple, str] = {}          # (node, pid) -> owner
+        self.ident_to_node: dict[bytes, int] = {}
+        self.next_node = args.nodes
         self.rids = itertools.count(1)
         self.pending: dict[int, dict] = {}          # head rid -> pending client request
         self.ready_waiters: list[tuple] = []
-        self.expected_nodes = args.nodes
+        hosts = [h for h in (args.hosts or "").split(",") if h]
+        self.expected_nodes = args.nodes + len(hosts)
+        self.hosts = hosts
         self.running = True
+
+    def _bind_tcp(self, sock, port: int) -> str:
+        if not port:
+            return self.net.bind(sock, "head")
+        host = f"[{self.net.host}]" if ":" in self.net.host else self.net.host
+        sock.bind(f"tcp://{host}:{port}")
+        return f"tcp://{host}:{port}"
 
     # -- agents -------------------------------------------------------------
     def start_agents(self):
-        for info in split_host(self.args.nodes, self.args.cpus_per_node):
+        net_args = ["--listen", self.net.host, "--key-file", self.args.key_file] \
+            if self.net.tcp else []
+        for info in (split_host(self.args.nodes, self.args.cpus_per_node)
+                     if self.args.nodes else []):
             proc, wfd = launch.start_child("dragon_nb.runtime.agent", [
                 "--head", self.address, "--node", str(info["id"]),
                 "--cpus", ",".join(map(str, info["cpus"])),
                 "--mem", str(info["physical_mem"]),
                 "--telemetry-interval", str(self.args.telemetry_interval),
                 "--preload", self.args.preload or "",
-                "--parent-pid", str(os.getpid())])
+                "--parent-pid", str(os.getpid()), *net_args])
             self.agents[info["id"]] = (proc, wfd)
-            info.update(alive=False, ident=None, agent_pid=proc.pid)
+            info.update(alive=False, ident=None, agent_pid=proc.pid,
+                        address=self.net.host)
             self.nodes[info["id"]] = info
+        self.launch_hosts()
+
+    def launch_hosts(self):
+        """Start an agent on each of ``--hosts`` with the chosen launcher."""
+        if not self.hosts:
+            return
+        key = self.net.key
+        for host, argv, key_on_stdin in hosts_mod.launch_commands(
+                self.hosts, self.args.launcher, self.tcp_address, self.args.key_file):
+            log.info("launching: %s", hosts_mod.show([(host, argv, key_on_stdin)]))
+            try:
+                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, start_new_session=True,
+                                        close_fds=True)
+            except OSError as e:
+                log.error("cannot launch an agent on %s: %s", host or self.hosts, e)
+                self.expected_nodes -= 1 if host else len(self.hosts)
+                continue
+            if key_on_stdin:
+                proc.stdin.write(key.hex().encode() + b"\n")
+                proc.stdin.flush()       # then kept open: the agent's lifeline
+            self.launched.append((host, proc))
 
     def check_agents(self):
         for nid, (proc, _) in list(self.agents.items()):
             code = proc.poll()
             if code is not None and self.nodes[nid].get("alive", False) is not None:
                 self.node_lost(nid, f"agent exited with code {code}")
+        for host, proc in list(self.launched):
+            code = proc.poll()
+            if code is None:
+                continue
+            self.launched.remove((host, proc))
+            names = [host] if host else list(self.hosts)
+            mine = [n for n in self.nodes.values() if n.get("remote") and n["name"] in names]
+            for info in mine:
+                if info.get("alive"):
+                    self.node_lost(info["id"], f"its launcher exited with code {code}")
+            if len(mine) < len(names) and self.running:
+                why = (f"the agent launched on {', '.join(names)} exited with code {code} "
+                       f"before joining")
+                log.error("%s", why)
+                self.expected_nodes -= len(names) - len(mine)
+                for wident, wrid in self.ready_waiters:
+                    self.reply(wident, wrid, ok=False, error=why)
+                self.ready_waiters.clear()
+        now = time.monotonic()
+        for nid, info in list(self.nodes.items()):
+            if not info.get("remote") or not info.get("alive"):
+                continue
+            if now - info["seen"] > NODE_TIMEOUT_S:
+                self.node_lost(nid, f"no word from its agent for {NODE_TIMEOUT_S:g} s")
+            elif now - info.get("pinged", 0.0) >= PING_S:
+                info["pinged"] = now
+                self.router.send(P.EVT, {"op": "ping"}, to=info["ident"])
 
     def node_lost(self, nid: int, why: str):
         info = self.nodes[nid]
@@ -100,6 +184,8 @@ class Head:
         info["alive"] = False
         info["lost"] = why
         log.warning("node %s lost: %s", nid, why)
+        if info.get("remote") and info.get("ident"):    # if it still hears us: stop
+            self.router.send(P.EVT, {"op": "goodbye", "why": why}, to=info["ident"])
         gone: dict[str, list] = {}
         for (node, pid), owner in list(self.procs.items()):
             if node == nid:
@@ -125,7 +211,7 @@ class Head:
 
     def public_nodes(self):
         keys = ("id", "name", "hostname", "cpus", "num_cpus", "physical_mem",
-                "virtual", "alive", "agent_pid")
+                "virtual", "alive", "agent_pid", "address", "remote", "lost")
         return [{k: n.get(k) for k in keys} for n in sorted(self.nodes.values(),
                                                              key=lambda n: n["id"])]
 
@@ -133,8 +219,7 @@ class Head:
         op, rid = body.get("op"), body.get("rid")
         if op == "ready":
             if len(self.live_nodes()) >= self.expected_nodes:
-                self.reply(ident, rid, nodes=self.public_nodes(),
-                           events=self.events_address)
+                self.reply(ident, rid, **self.ready_body())
             else:
                 self.ready_waiters.append((ident, rid))
         elif op == "nodes":
@@ -220,24 +305,65 @@ class Head:
                                  to=info["ident"])
 
     # -- agent events --------------------------------------------------------
+    def ready_body(self) -> dict:
+        return {"nodes": self.public_nodes(), "events": self.events_address,
+                "tcp_address": self.tcp_address, "tcp_events": self.tcp_events}
+
+    def register(self, ident, body):
+        """An agent says hello: one this head started, or one joining from another host."""
+        nid = body.get("node")
+        if nid is None:                      # joining: a new node id, its own figures
+            if ident in self.ident_to_node:
+                nid = self.ident_to_node[ident]
+            else:
+                nid = self.next_node
+                self.next_node += 1
+            try:
+                cpus = [int(c) for c in body["cpus"]]
+                info = {"id": nid, "name": str(body.get("name") or body["hostname"]),
+                        "hostname": str(body["hostname"]), "cpus": cpus,
+                        "num_cpus": len(cpus), "physical_mem": int(body["physical_mem"]),
+                        "virtual": False, "agent_pid": int(body["pid"]),
+                        "address": str(body.get("address")), "remote": True}
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("dropped a malformed registration: %r", e)
+                return
+            self.nodes[nid] = info
+        info = self.nodes.get(nid)
+        if info is None or info.get("lost"):
+            self.router.send(P.EVT, {"op": "goodbye", "why": "unknown or lost node"}, to=ident)
+            return
+        self.ident_to_node[ident] = nid
+        info.update(ident=ident, alive=True, seen=time.monotonic(),
+                    hostname=body.get("hostname", info["hostname"]))
+        self.router.send(P.EVT, {"op": "welcome", "node": nid, "preload": self.args.preload,
+                                 "telemetry_interval": self.args.telemetry_interval},
+                         to=ident)
+        log.info("node %s joined: %s (%s)", nid, info["name"], info.get("address"))
+        self.publish(P.TOPIC_NODES, {"event": "joined", "node": nid})
+        if len(self.live_nodes()) >= self.expected_nodes:
+            for wident, wrid in self.ready_waiters:
+                self.reply(wident, wrid, **self.ready_body())
+            self.ready_waiters.clear()
+
     def on_agent_event(self, ident, body):
         op = body.get("op")
         if op == "register":
-            nid = body["node"]
-            info = self.nodes.get(nid)
-            if info is None:
-                return
-            info.update(ident=ident, alive=True, hostname=body.get("hostname", info["hostname"]))
-            self.publish(P.TOPIC_NODES, {"event": "joined", "node": nid})
-            if len(self.live_nodes()) >= self.expected_nodes:
-                for wident, wrid in self.ready_waiters:
-                    self.reply(wident, wrid, nodes=self.public_nodes(),
-                               events=self.events_address)
-                self.ready_waiters.clear()
+            return self.register(ident, body)
+        nid = self.ident_to_node.get(ident)
+        if nid is None:
+            return
+        info = self.nodes[nid]
+        if info.get("lost"):                 # back after it was given up: send it away
+            self.router.send(P.EVT, {"op": "goodbye", "why": info["lost"]}, to=ident)
+            return
+        info["seen"] = time.monotonic()
+        if op == "leaving":
+            self.node_lost(nid, body.get("why") or "its agent left")
         elif op == "telemetry":
-            self.publish(P.TOPIC_TELEMETRY + str(body["node"]).encode(), body)
+            body["node"] = nid
+            self.publish(P.TOPIC_TELEMETRY + str(nid).encode(), body)
         elif op == "exited":
-            nid = body["node"]
             gone: dict[str, list] = {}
             for pid, code in body["procs"]:
                 owner = self.procs.pop((nid, pid), None)
@@ -253,7 +379,6 @@ class Head:
         poller.register(self.router.sock, zmq.POLLIN)
         if lifeline_fd is not None:
             poller.register(lifeline_fd, zmq.POLLIN)
-        ident_to_node = {}
         last_check = 0.0
         while self.running:
             events = dict(poller.poll(AGENT_POLL_S * 1000))
@@ -272,14 +397,15 @@ class Head:
                     if not isinstance(body, dict):
                         log.warning("dropped message with a non-dict body")
                         continue
-                    if kind == P.REQ:
-                        self.on_request(ident, body)
-                    elif kind == P.EVT:
-                        if body.get("op") == "register":
-                            ident_to_node[ident] = body.get("node")
-                        self.on_agent_event(ident, body)
-                    elif kind == P.REP and ident in ident_to_node:
-                        self.on_agent_reply(ident_to_node[ident], body)
+                    try:
+                        if kind == P.REQ:
+                            self.on_request(ident, body)
+                        elif kind == P.EVT:
+                            self.on_agent_event(ident, body)
+                        elif kind == P.REP and ident in self.ident_to_node:
+                            self.on_agent_reply(self.ident_to_node[ident], body)
+                    except Exception as e:       # a well-signed but nonsensical message
+                        log.warning("dropped a %r message it could not act on: %r", kind, e)
             now = time.monotonic()
             if now - last_check >= AGENT_POLL_S:
                 last_check = now
@@ -292,8 +418,17 @@ class Head:
         for proc, wfd in self.agents.values():
             if wfd is not None:
                 os.close(wfd)          # lifeline EOF: agent stops its children and exits
+        for info in self.nodes.values():
+            if info.get("remote") and info.get("ident"):     # joined by hand: told
+                self.router.send(P.EVT, {"op": "goodbye", "why": "the runtime stopped"},
+                                 to=info["ident"])
+        for _host, proc in self.launched:
+            try:
+                proc.stdin.close()     # their lifeline: the agents stop and exit
+            except OSError:
+                pass
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
-        for proc, _ in self.agents.values():
+        for proc in [p for p, _ in self.agents.values()] + [p for _, p in self.launched]:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except Exception:
@@ -316,6 +451,11 @@ def main(argv=None):
     ap.add_argument("--telemetry-interval", type=float, default=0.25)
     ap.add_argument("--preload", default="")
     ap.add_argument("--lifeline-fd", type=int)
+    ap.add_argument("--listen", default=None, help="also bind TCP on this address")
+    ap.add_argument("--port", type=int, default=0, help="TCP port (default: any free)")
+    ap.add_argument("--key-file", default=None, help="connection file with the key")
+    ap.add_argument("--hosts", default="", help="launch an agent on each of these")
+    ap.add_argument("--launcher", default="ssh")
     args = ap.parse_args(argv)
     logging.basicConfig(level=os.environ.get("DRAGON_NB_LOGLEVEL", "WARNING"),
                         format="dragon-nb head: %(message)s")

@@ -8,10 +8,13 @@ A message is a multipart zmq message::
 * ``kind`` is one of the short byte strings below;
 * ``body`` is a pickle (protocol 5) of plain built-in values (dicts, tuples,
   numbers, strings, bytes) -- never user objects; user payloads are opaque
-  ``bytes`` inside it or travel as the trailing ``buffer`` frames, zero-copy;
+  ``bytes`` inside it or travel as the trailing ``buffer`` frames, zero-copy.
+  Bodies are read by an unpickler that refuses every global, so a body can
+  build nothing but built-in data, whoever sent it;
 * when the runtime has a key (TCP transports), a ``sig`` frame with an
   HMAC-SHA256 over kind, body and buffers follows ``kind``; a frame that fails
-  the check is dropped before anything is unpickled.
+  the check is dropped before anything is unpickled. Raw DDict frames carry
+  the same signature as their *last* frame (``sign_frames``/``verify_frames``).
 
 Control plane (client/agent <-> head) uses REQ/REP/EVT with an ``op`` field in
 the body; the data plane (pool <-> worker) has its own kinds so the hot path
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import pickle
 import logging
 import struct
@@ -46,6 +50,10 @@ OUTPUT = b"io"        # worker -> pool: {"lines": [(job, stream, text)], "droppe
 # --- data plane: pipeline stages (PUSH/PULL, worker to worker) ----------------
 PIPE_ITEMS = b"pi"    # a batch: {"seq", "start"} + pickled (values, {i: failure}) + buffers
 PIPE_END = b"pe"      # node source -> caller: {"batches", "items"} + pickled failure or None
+
+# --- services -> their creator --------------------------------------------------
+BOUND = b"bd"         # the address a service bound where it runs: pipeline stage workers
+                      # {"stage", "index", "input"}, DDict managers on TCP {"manager", "address"}
 
 # --- data plane: DDict client <-> manager ------------------------------------
 # Not Codec messages: the hot path has no pickle and no dict. A request is one
@@ -108,6 +116,44 @@ class ProtocolError(Exception):
     """A frame that is malformed or fails authentication."""
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads built-in data only: any reference to a class or function is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"global {module}.{name} refused in a message body")
+
+
+def loads_body(data) -> object:
+    """Unpickle a message body that may only hold built-in values."""
+    return _PlainUnpickler(io.BytesIO(data)).load()
+
+
+def _mac(key: bytes, frames) -> bytes:
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for f in frames:
+        mac.update(f)
+    return mac.digest()
+
+
+def sign_frames(key: bytes | None, frames: list) -> list:
+    """Raw frames (DDict) -> the same plus an HMAC as the last frame, when keyed."""
+    if key is None:
+        return frames
+    return [*frames, _mac(key, frames)]
+
+
+def verify_frames(key: bytes | None, frames: list) -> list:
+    """Check and strip the HMAC that ``sign_frames`` added; ProtocolError if wrong."""
+    if key is None:
+        return frames
+    if len(frames) < 2:
+        raise ProtocolError("unsigned message")
+    *rest, sig = frames
+    if not hmac.compare_digest(_bytes(sig), _mac(key, [memoryview(f) for f in rest])):
+        raise ProtocolError("bad signature")
+    return rest
+
+
 class Codec:
     """Turns (kind, body, buffers) into frames and back; signs when keyed."""
 
@@ -115,10 +161,7 @@ class Codec:
         self.key = key
 
     def _sign(self, frames) -> bytes:
-        mac = hmac.new(self.key, digestmod=hashlib.sha256)
-        for f in frames:
-            mac.update(f)
-        return mac.digest()
+        return _mac(self.key, frames)
 
     def encode(self, kind: bytes, body, buffers=()) -> list:
         frames = [kind, pickle.dumps(body, protocol=PICKLE_PROTOCOL),
@@ -141,7 +184,7 @@ class Codec:
             raise ProtocolError("short message")
         kind = _bytes(frames[0])
         try:
-            body = pickle.loads(frames[1])
+            body = loads_body(frames[1])
         except Exception as e:  # malformed body: report, never crash the peer
             raise ProtocolError(f"undecodable body: {e!r}") from None
         return kind, body, frames[2:]

@@ -1,0 +1,65 @@
+"""Launching node agents on other hosts: ssh, Slurm's srun, or a command template.
+
+The head runs these commands; each starts ``dragon-nb agent --connect ADDR``
+on a host. With ssh and templates the key reaches the agent on its standard
+input (``--key-file -``), never on a command line, and that same pipe stays
+open as the agent's lifeline: when the head goes, the agent reads EOF and
+stops its processes. srun gives standard input to one task only, so its agents
+read the connection file from a path all hosts share.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+
+LAUNCHERS = ("ssh", "srun")
+
+
+def agent_command(head: str, key_file: str, name: str | None = None,
+                  python: str | None = None) -> list[str]:
+    """The agent's command line, as run on the other host."""
+    cmd = [python or sys.executable, "-m", "dragon_nb.cli", "agent", "--connect", head,
+           "--key-file", key_file]
+    if name:
+        cmd += ["--name", name]
+    return cmd
+
+
+def launch_commands(hosts, launcher: str, head: str, connection_file: str,
+                    python: str | None = None) -> list[tuple[str | None, list[str], bool]]:
+    """-> [(host, argv, key on stdin?)]: what starts an agent on each host.
+
+    ``launcher``: ``"ssh"``, ``"srun"`` (one command for all hosts of the Slurm
+    allocation), or a template with ``{host}`` and ``{command}``, such as
+    ``"ip netns exec {host} {command}"``.
+    """
+    hosts = list(hosts)
+    if not hosts:
+        return []
+    if launcher == "ssh":
+        return [(h, ["ssh", "-o", "BatchMode=yes", h,
+                     shlex.join(agent_command(head, "-", h, python))], True) for h in hosts]
+    if launcher == "srun":
+        return [(None, ["srun", f"--nodes={len(hosts)}", "--ntasks-per-node=1",
+                        f"--nodelist={','.join(hosts)}", "--kill-on-bad-exit=0",
+                        *agent_command(head, connection_file, None, python)], False)]
+    if "{host}" in launcher and "{command}" in launcher:
+        out = []
+        for h in hosts:
+            command = shlex.join(agent_command(head, "-", h, python))
+            out.append((h, shlex.split(launcher.format(host=shlex.quote(h),
+                                                       command=command)), True))
+        return out
+    raise ValueError(f"launcher must be 'ssh', 'srun' or a template with {{host}} and "
+                     f"{{command}}, not {launcher!r}")
+
+
+def show(commands) -> str:
+    """The commands as a user would type them (for ``--dry-run``)."""
+    lines = []
+    for host, argv, key_on_stdin in commands:
+        line = shlex.join(argv)
+        if key_on_stdin:
+            line += "    # key on standard input"
+        lines.append(line)
+    return "\n".join(lines)
