@@ -3,6 +3,8 @@
 
     python benchmarks/bench_ddict.py [--quick] [--json PATH] [--no-dragon]
 
+A full run also writes benchmarks/results/ddict.json (see common.py).
+
 Measured, single client unless said otherwise:
 
 * put / get of 64-byte values (ops/s), one synchronous request each;
@@ -40,6 +42,8 @@ sys.path.insert(0, ROOT)
 
 import dragon_nb  # noqa: E402
 from dragon_nb import DDict  # noqa: E402
+
+from common import save_results  # noqa: E402
 
 FULL = dict(rounds=3, small=20000, batch=200000, update=50000, big=200, big_keys=16,
             clients=20000, dragon_small=300, dragon_big=20)
@@ -370,10 +374,8 @@ def main(argv=None) -> int:
                 f"one run" if dragon else "; Dragon: not run"))
     print(f"DDict benchmark ({about})\n")
     print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"about": about, "sizes": sz, "results": res, "dragon": dragon,
-                       "criteria_met": verdict}, f, indent=2)
+    save_results("ddict", {"about": about, "sizes": sz, "results": res, "dragon": dragon,
+                           "criteria_met": verdict}, args.json, args.quick)
     return 0
 
 

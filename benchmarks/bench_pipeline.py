@@ -6,11 +6,12 @@ MB/s for 1 MiB items through a two-stage Pipeline, and the caller's peak RSS
 for a long stream (each case in a fresh process, so peaks do not mix).
 
     python benchmarks/bench_pipeline.py [--items N] [--long N] [--quick] [--json PATH]
+
+A full run also writes benchmarks/results/pipeline.json (see common.py).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import subprocess
@@ -19,6 +20,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
+from common import save_results  # noqa: E402
 
 
 def inc(x):
@@ -123,10 +126,9 @@ def main(argv=None):
         rate, peak = peak_rss_case(case, long_n)
         peaks[case] = (rate, peak)
         print(f"{case:28} {long_n:,} items: {rate:10,.0f} items/s, caller peak RSS {peak:6.0f} MiB")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"items": n, "rates": {r[0]: r[1] for r in rows}, "mb_per_s_1mib": mbs,
-                       "long_items": long_n, "peaks_mib": peaks}, f, indent=2)
+    save_results("pipeline", {"items": n, "rates": {r[0]: r[1] for r in rows},
+                              "mb_per_s_1mib": mbs, "long_items": long_n,
+                              "peaks_mib": peaks}, args.json, args.quick)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ with far fewer items since it is much slower.
     python benchmarks/bench_pool.py [--quick] [--json PATH] [--no-dragon]
                                     [--dragon-timeout S]
 
+A full run also writes benchmarks/results/pool.json (see common.py).
+
 See docs/benchmarks.md for what the numbers mean and the latest results.
 """
 from __future__ import annotations
@@ -31,6 +33,8 @@ import textwrap
 import time
 
 import psutil
+
+from common import save_results
 
 WORKERS = 2            # the machine this is sized for has 2 cores
 DRAGON_NB_NODES = 2
@@ -372,15 +376,14 @@ def main(argv=None) -> int:
     print()
     print_table(tput, first, dragon, skipped)
 
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": {"cores": os.cpu_count(), "python": platform.python_version(),
-                                   "platform": platform.platform(),
-                                   "loadavg": [load, os.getloadavg()[0]]},
-                       "config": {"workers": WORKERS, "nodes": DRAGON_NB_NODES,
-                                  "reps": reps, "quick": args.quick},
-                       "throughput": tput, "first_result": first, "dragon": dragon,
-                       "dragon_bin": dragon_bin}, f, indent=1)
+    save_results("pool", {"machine": {"cores": os.cpu_count(),
+                                      "python": platform.python_version(),
+                                      "platform": platform.platform(),
+                                      "loadavg": [load, os.getloadavg()[0]]},
+                          "config": {"workers": WORKERS, "nodes": DRAGON_NB_NODES,
+                                     "reps": reps, "quick": args.quick},
+                          "throughput": tput, "first_result": first, "dragon": dragon,
+                          "dragon_bin": dragon_bin}, args.json, args.quick)
     return 0
 
 
