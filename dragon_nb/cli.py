@@ -7,6 +7,12 @@ arguments follow ``--`` (without ``--``, arguments dragon-nb does not know
 go to the script).
     dragon-nb info [--nodes N]
     dragon-nb demo [--nodes N] [--files F]
+    dragon-nb agent --connect tcp://HEAD:PORT --key-file FILE [--name NAME]
+
+``run`` and ``info`` also take ``--hosts h1,h2 [--launcher ssh|srun|TEMPLATE]
+[--listen ADDR] [--port P] [--dry-run]``: one more node on each host, its
+agent started by the launcher; ``--dry-run`` prints the launch commands and
+starts nothing.
 """
 from __future__ import annotations
 
@@ -53,10 +59,44 @@ def _add_runtime_args(ap):
                     help="default pool workers per node (default: the node's cores)")
     ap.add_argument("--cpus-per-node", type=int, default=None,
                     help="cores each virtual node claims (default: its share of the host's)")
+    ap.add_argument("--hosts", default=None,
+                    help="comma-separated hosts to start one more node on each")
+    ap.add_argument("--launcher", default="ssh",
+                    help="how agents start on --hosts: ssh, srun, or a template with "
+                         "{host} and {command}")
+    ap.add_argument("--listen", default=None,
+                    help="address or interface other hosts reach this one on (default: "
+                         "the interface that routes to the first host)")
+    ap.add_argument("--port", type=int, default=0, help="the head's TCP port (default: any)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the commands that would start agents on --hosts, and stop")
+
+
+def _network_kwargs(args) -> dict:
+    if not args.hosts and not args.listen:
+        return {}
+    return {"hosts": args.hosts, "listen": args.listen, "launcher": args.launcher,
+            "port": args.port}
+
+
+def cmd_dry_run(args) -> int:
+    from dragon_nb.runtime import hosts
+    if not args.hosts:
+        print("dragon-nb: --dry-run shows how agents start on --hosts; none given",
+              file=sys.stderr)
+        return 2
+    try:
+        print(hosts.dry_run(args.hosts.split(","), args.launcher, args.listen, args.port))
+    except ValueError as e:
+        print(f"dragon-nb: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def cmd_run(args) -> int:
     import dragon_nb
+    if args.dry_run:
+        return cmd_dry_run(args)
     script = args.script
     if not os.path.exists(script):
         print(f"dragon-nb run: no such script: {script}", file=sys.stderr)
@@ -69,7 +109,7 @@ def cmd_run(args) -> int:
         os.environ["DRAGON_NB_CPUS_PER_NODE"] = str(args.cpus_per_node)
     install_dragon_alias()
     dragon_nb.start(nodes=args.nodes, workers_per_node=args.workers_per_node,
-                    cpus_per_node=args.cpus_per_node)
+                    cpus_per_node=args.cpus_per_node, **_network_kwargs(args))
     sys.argv = [script, *args.script_args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     try:
@@ -87,12 +127,22 @@ def cmd_run(args) -> int:
 def cmd_info(args) -> int:
     import dragon_nb
     from dragon_nb.machine import node_table
-    with dragon_nb.start(nodes=args.nodes or 1, workers_per_node=args.workers_per_node,
-                         cpus_per_node=args.cpus_per_node) as rt:
+    if args.dry_run:
+        return cmd_dry_run(args)
+    nodes = args.nodes if args.nodes is not None else 1
+    with dragon_nb.start(nodes=nodes, workers_per_node=args.workers_per_node,
+                         cpus_per_node=args.cpus_per_node, **_network_kwargs(args)) as rt:
         print(node_table(rt))
         print(f"\n{len(rt.nodes())} node(s), {rt.cpu_count()} core(s) in all")
+        if rt.join_command():
+            print(f"other hosts join with: {rt.join_command()}")
     dragon_nb.stop()
     return 0
+
+
+def cmd_agent(argv) -> int:
+    from dragon_nb.runtime import agent
+    return agent.main(argv, prog="dragon-nb agent")
 
 
 def cmd_demo(args) -> int:
@@ -114,7 +164,11 @@ def main(argv=None) -> int:
     _add_runtime_args(demo)
     demo.add_argument("--files", type=int, default=400)
     demo.set_defaults(func=cmd_demo)
+    sub.add_parser("agent", help="join a running runtime from this host as a node "
+                                 "(dragon-nb agent --help)", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["agent"]:
+        return cmd_agent(argv[1:])
     if argv[:1] == ["run"]:
         ours, theirs = argv, []
         if "--" in argv:

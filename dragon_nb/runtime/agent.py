@@ -249,6 +249,8 @@ class Agent:
 
     def run(self):
         self.join()
+        if self.joining:          # a host taken away (SIGTERM) leaves the runtime cleanly
+            signal.signal(signal.SIGTERM, lambda *a: setattr(self, "running", False))
         poller = zmq.Poller()
         poller.register(self.chan.sock, zmq.POLLIN)
         poller.register(self.sig_r, zmq.POLLIN)
@@ -301,7 +303,9 @@ class Agent:
                 log.warning("no word from the head for %g s: stopping", HEAD_TIMEOUT_S)
                 break
         self.stop_children()
-        self.chan.close(linger=0)
+        if self.joining:
+            self.chan.send(P.EVT, {"op": "leaving", "why": "its agent stopped"})
+        self.chan.close(linger=500 if self.joining else 0)
         self.ctx.term()
 
 
@@ -325,8 +329,8 @@ def arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None):
-    args = arguments(argparse.ArgumentParser(prog="dragon_nb.runtime.agent")).parse_args(argv)
+def main(argv=None, prog: str = "dragon_nb.runtime.agent"):
+    args = arguments(argparse.ArgumentParser(prog=prog)).parse_args(argv)
     if args.node is not None:            # started by the head: tied to it
         launch.set_pdeathsig(signal.SIGKILL)
         if args.parent_pid and os.getppid() != args.parent_pid:

@@ -160,7 +160,8 @@ class Runtime:
 
     def cpu_count(self) -> int:
         """Cores on all nodes: the sum of every node's ``num_cpus``."""
-        return sum(n["num_cpus"] for n in self.nodes() if n.get("alive", True)) or 1
+        nodes = self.nodes(refresh=self.network.tcp)    # hosts may have joined or left
+        return sum(n["num_cpus"] for n in nodes if n.get("alive", True)) or 1
 
     def default_workers(self) -> int:
         if self.workers_per_node:

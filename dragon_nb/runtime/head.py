@@ -129,8 +129,11 @@ class Head:
         if not self.hosts:
             return
         key = self.net.key
+        key_file = self.args.key_file
+        if self.args.launcher == "srun":
+            key_file = self.shared_key_file = hosts_mod.shared_copy(key_file)
         for host, argv, key_on_stdin in hosts_mod.launch_commands(
-                self.hosts, self.args.launcher, self.tcp_address, self.args.key_file):
+                self.hosts, self.args.launcher, self.tcp_address, key_file):
             log.info("launching: %s", hosts_mod.show([(host, argv, key_on_stdin)]))
             try:
                 proc = subprocess.Popen(argv, stdin=subprocess.PIPE, start_new_session=True,
@@ -437,6 +440,11 @@ class Head:
         reply = getattr(self, "shutdown_reply", None)
         if reply is not None:
             self.reply(*reply)
+        if getattr(self, "shared_key_file", None):
+            try:
+                os.unlink(self.shared_key_file)
+            except OSError:
+                pass
         self.router.close(linger=200)
         self.pub.close(linger=0)
         self.ctx.term()

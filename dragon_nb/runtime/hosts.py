@@ -5,11 +5,14 @@ on a host. With ssh and templates the key reaches the agent on its standard
 input (``--key-file -``), never on a command line, and that same pipe stays
 open as the agent's lifeline: when the head goes, the agent reads EOF and
 stops its processes. srun gives standard input to one task only, so its agents
-read the connection file from a path all hosts share.
+read the connection file from a path all hosts share (``shared_copy``).
+The Python that runs the agent is this one's path, or DRAGON_NB_REMOTE_PYTHON.
 """
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
 import sys
 
 LAUNCHERS = ("ssh", "srun")
@@ -18,7 +21,8 @@ LAUNCHERS = ("ssh", "srun")
 def agent_command(head: str, key_file: str, name: str | None = None,
                   python: str | None = None) -> list[str]:
     """The agent's command line, as run on the other host."""
-    cmd = [python or sys.executable, "-m", "dragon_nb.cli", "agent", "--connect", head,
+    python = python or os.environ.get("DRAGON_NB_REMOTE_PYTHON") or sys.executable
+    cmd = [python, "-m", "dragon_nb.cli", "agent", "--connect", head,
            "--key-file", key_file]
     if name:
         cmd += ["--name", name]
@@ -52,6 +56,27 @@ def launch_commands(hosts, launcher: str, head: str, connection_file: str,
         return out
     raise ValueError(f"launcher must be 'ssh', 'srun' or a template with {{host}} and "
                      f"{{command}}, not {launcher!r}")
+
+
+def shared_copy(connection_file: str) -> str:
+    """A 0600 copy of the connection file in the home directory (shared across a
+    Slurm cluster), for agents that cannot get the key on standard input."""
+    folder = os.environ.get("DRAGON_NB_SHARED_DIR") or os.path.expanduser("~/.dragon-nb")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    name = os.path.basename(os.path.dirname(os.path.abspath(connection_file)))
+    path = os.path.join(folder, f"{name}.json")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out, open(connection_file, "rb") as src:
+        shutil.copyfileobj(src, out)
+    return path
+
+
+def dry_run(hosts, launcher: str, listen: str | None = None, port: int = 0) -> str:
+    """What starting a runtime on ``hosts`` would run, without starting anything."""
+    from dragon_nb.runtime import network
+    address = network.resolve_interface(listen, hosts)
+    head = f"tcp://{address}:{port or '<port>'}"
+    return show(launch_commands(hosts, launcher, head, "<runtime dir>/connection.json"))
 
 
 def show(commands) -> str:

@@ -1,0 +1,149 @@
+"""What tests/test_hosts.py runs on host h1 (``python scenarios.py NAME``).
+
+The environment says where the other hosts are: DNB_LISTEN (h1's address),
+DNB_HOSTS (the hosts to launch agents on), DNB_LAUNCHER (the launcher
+template), DNB_NS_<HOST> (each host's namespace). Each scenario prints one
+line ``RESULT <json>`` for the test to check.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import dragon_nb
+from dragon_nb import DDict, Pipeline, Pool, on_node, stage
+from dragon_nb.native.machine import Node, System
+
+
+def hostname(_=None) -> str:
+    time.sleep(0.05)          # long enough that every worker gets some of the work
+    return socket.gethostname()
+
+
+def slow_square(x):
+    time.sleep(0.02)
+    return x * x
+
+
+def put_here(args):
+    d, i = args
+    d[i] = (i * 7, socket.gethostname())
+    return i
+
+
+def first_stage(x):
+    return (x, socket.gethostname())
+
+
+def second_stage(pair):
+    x, first = pair
+    return (x * 3, first, socket.gethostname())
+
+
+def numbers(n):
+    yield from range(n)
+
+
+def start(hosts=None, **kw):
+    hosts = os.environ["DNB_HOSTS"].split(",") if hosts is None else hosts
+    return dragon_nb.start(nodes=1, hosts=hosts, listen=os.environ["DNB_LISTEN"],
+                           launcher=os.environ["DNB_LAUNCHER"], **kw)
+
+
+def node_hosts() -> dict:
+    return {Node(h).h_uid: Node(h).hostname for h in System().nodes}
+
+
+def spread():
+    """Pool workers and DDict managers on every host; values from all hosts read back."""
+    start()
+    hosts = node_hosts()
+    with Pool(6) as p:
+        workers = sorted(set(p.map(hostname, range(60), chunksize=1)))
+    d = DDict(1, len(hosts), 64 << 20)
+    with Pool(6) as p:
+        p.map(put_here, [(d, i) for i in range(300)], chunksize=5)
+    values = [d[i] for i in range(300)]
+    managers = sorted({s.hostname for s in d.stats})
+    ok = all(v[0] == i * 7 for i, v in enumerate(values))
+    writers = sorted({v[1] for v in values})
+    d.destroy()
+    dragon_nb.stop()
+    return {"nodes": sorted(hosts.values()), "workers": workers, "managers": managers,
+            "writers": writers, "values_ok": ok, "count": len(values)}
+
+
+def pipeline():
+    """A source on h1's node, stage 1 on h2, stage 2 on h3."""
+    start()
+    ids = {name: nid for nid, name in node_hosts().items()}
+    with Pipeline(on_node(numbers, 500, node=ids["h1"]),
+                  stage(first_stage, workers=1, nodes=[ids["h2"]]),
+                  stage(second_stage, workers=2, nodes=[ids["h3"]])) as pipe:
+        out = list(pipe)
+    dragon_nb.stop()
+    return {"values_ok": [o[0] for o in out] == [3 * i for i in range(500)],
+            "stage_hosts": sorted({(o[1], o[2]) for o in out})}
+
+
+def join():
+    """An agent without the key is refused; one with it joins and can leave."""
+    rt = start(hosts=os.environ["DNB_HOSTS"].split(",")[:1])
+    before = sorted(node_hosts().values())
+    on_h3 = ["ip", "netns", "exec", os.environ["DNB_NS_H3"], "unshare", "--uts", "sh", "-c",
+             'hostname h3 && exec "$@"', "h3"]
+    agent = [sys.executable, "-m", "dragon_nb.cli", "agent", "--connect", rt.tcp_address]
+    wrong = os.path.join(os.environ["DNB_WORK"], "wrong.key")
+    fd = os.open(wrong, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, os.urandom(32).hex().encode())
+    os.close(fd)
+    refused = subprocess.run(on_h3 + agent + ["--key-file", wrong], capture_output=True,
+                             text=True, timeout=60)
+    after_refusal = sorted(node_hosts().values())
+    right = os.path.join(os.environ["DNB_WORK"], "connection.json")
+    shutil.copy(rt.connection_file, right)       # as a user copies it to the other host
+    os.chmod(right, 0o600)
+    joined = subprocess.Popen(on_h3 + agent + ["--key-file", right])
+    deadline = time.monotonic() + 30
+    while "h3" not in node_hosts().values() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with_h3 = sorted(node_hosts().values())
+    h3 = [nid for nid, name in node_hosts().items() if name == "h3"]
+    with Pool(2, nodes=h3) as p:
+        ran_on = sorted(set(p.map(hostname, range(8))))
+    joined.send_signal(signal.SIGTERM)        # the host goes away
+    joined.wait(30)
+    deadline = time.monotonic() + 30
+    while "h3" in node_hosts().values() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    after_leaving = sorted(node_hosts().values())
+    dragon_nb.stop()
+    return {"before": before, "refused_code": refused.returncode,
+            "refused_says": refused.stderr.strip().splitlines()[-1:],
+            "after_refusal": after_refusal, "with_h3": with_h3, "ran_on": ran_on,
+            "after_leaving": after_leaving}
+
+
+def link_down():
+    """h3's cable pulled mid-map: its tasks run elsewhere, the result is whole."""
+    start()
+    with Pool(6) as p:
+        it = p.imap(slow_square, range(300), chunksize=2)
+        got = [next(it) for _ in range(40)]
+        subprocess.run(["ip", "-n", os.environ["DNB_NS_H3"], "link", "set", "eth0", "down"],
+                       check=True, timeout=20)
+        got += list(it)
+        after = sorted(node_hosts().values())
+    dragon_nb.stop()
+    return {"values_ok": got == [x * x for x in range(300)], "nodes_after": after}
+
+
+if __name__ == "__main__":
+    result = globals()[sys.argv[1]]()
+    print("RESULT " + json.dumps(result), flush=True)

@@ -1,0 +1,150 @@
+"""Several hosts: agents on three network-namespace hosts joined over signed TCP.
+
+Each test makes three hosts (h1, h2, h3: namespaces with their own addresses
+on a private bridge, each under its own hostname), runs a scenario from
+tests/hosts/scenarios.py on h1 -- the caller, the head and one node there,
+agents launched on h2 and h3 through a launcher template -- and checks what
+it reports, then that no process of that runtime is left on any host.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import describe, dragon_nb_command, run_checked, short_dirs
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "hosts"))
+import netns  # noqa: E402
+
+pytestmark = pytest.mark.skipif(netns.available() is not None,
+                                reason=f"no test hosts here: {netns.available()}")
+
+SEED = HERE / "seed"
+
+
+@pytest.fixture
+def hosts():
+    with netns.NamespaceHosts(["h1", "h2", "h3"]) as net:
+        yield net
+
+
+@pytest.fixture
+def work():
+    with short_dirs("dnbh-", "work") as (data, rtdir):
+        yield data, rtdir
+
+
+def processes_of(rtdir: str) -> list:
+    """Every process whose environment names ``rtdir``: runtime processes on any of
+    the hosts (they inherit it from the caller, through the launcher too)."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.environ().get("DRAGON_NB_TMPDIR") == rtdir and p.pid != os.getpid():
+                found.append((p.pid, p.info["cmdline"]))
+        except psutil.Error:
+            pass
+    return found
+
+
+def run_on_h1(hosts, argv, data, rtdir, env, timeout=90):
+    extra = {"DNB_LISTEN": hosts.address["h1"], "DNB_HOSTS": "h2,h3",
+             "DNB_LAUNCHER": hosts.launcher, "DNB_WORK": data,
+             **{f"DNB_NS_{h.upper()}": ns for h, ns in hosts.ns.items()}}
+    try:
+        return run_checked(hosts.on("h1", argv), data, rtdir, env, extra, timeout=timeout)
+    finally:
+        left = processes_of(rtdir)
+        assert not left, f"runtime processes left on the hosts: {left}"
+
+
+def scenario(hosts, name, work, env):
+    data, rtdir = work
+    proc = run_on_h1(hosts, [sys.executable, str(HERE / "hosts" / "scenarios.py"), name],
+                     data, rtdir, env)
+    assert proc.returncode == 0, describe(proc)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, describe(proc)
+    return json.loads(line[-1][len("RESULT "):])
+
+
+@pytest.mark.timeout(120)
+def test_pool_workers_and_ddict_managers_run_on_every_host(hosts, work, env_with_pkg):
+    r = scenario(hosts, "spread", work, env_with_pkg)
+    assert r["nodes"] == ["h1", "h2", "h3"]
+    assert r["workers"] == ["h1", "h2", "h3"]
+    assert r["managers"] == ["h1", "h2", "h3"]
+    assert r["writers"] == ["h1", "h2", "h3"]
+    assert r["values_ok"] and r["count"] == 300
+
+
+@pytest.mark.timeout(120)
+def test_a_pipeline_runs_with_its_stages_on_different_hosts(hosts, work, env_with_pkg):
+    r = scenario(hosts, "pipeline", work, env_with_pkg)
+    assert r["values_ok"]
+    assert r["stage_hosts"] == [["h2", "h3"]]
+
+
+@pytest.mark.timeout(150)
+def test_an_agent_without_the_key_is_refused_and_one_with_it_joins_and_leaves(
+        hosts, work, env_with_pkg):
+    r = scenario(hosts, "join", work, env_with_pkg)
+    assert r["before"] == ["h1", "h2"]
+    assert r["refused_code"] == 2
+    assert "did not welcome" in r["refused_says"][0], r
+    assert r["after_refusal"] == ["h1", "h2"]
+    assert r["with_h3"] == ["h1", "h2", "h3"]
+    assert r["ran_on"] == ["h3"]
+    assert r["after_leaving"] == ["h1", "h2"]
+
+
+@pytest.mark.timeout(150)
+def test_pulling_a_hosts_link_down_mid_map_is_survived(hosts, work, env_with_pkg):
+    r = scenario(hosts, "link_down", work, env_with_pkg)
+    assert r["values_ok"]
+    assert r["nodes_after"] == ["h1", "h2"]
+
+
+# -- the seed's examples, with the work spread over the three hosts -------------------
+FILES = {f"part{i:02d}.txt": "".join(f"line {j} of file {i}\n" for j in range(i * 3 + 1))
+         for i in range(11)}
+
+
+def seed_run(hosts, script, work, env, *opts):
+    data, rtdir = work
+    for name, text in FILES.items():
+        Path(data, name).write_text(text)
+    path = Path(rtdir).parent / f"dragon_{script}"
+    path.write_text(re.sub(r"\bdragon_nb\b", "dragon", (SEED / script).read_text()))
+    argv = [*dragon_nb_command(), "run", str(path), "--nodes", "1", "--hosts", "h2,h3",
+            "--listen", hosts.address["h1"], "--launcher", hosts.launcher, *opts]
+    return run_on_h1(hosts, argv, data, rtdir, env)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("script", ["ex1_read_then_map.py", "ex2_lazy_imap.py",
+                                    "ex3_shared_fs_map.py"])
+def test_seed_file_examples_run_across_three_hosts(script, hosts, work, env_with_pkg):
+    proc = seed_run(hosts, script, work, env_with_pkg)
+    assert proc.returncode == 0, describe(proc)
+    lengths = [len(FILES[p.name]) for p in Path(work[0]).glob("*")]
+    assert proc.stdout.strip().splitlines()[-1] == \
+        f"results={len(lengths)} total={sum(lengths)} lengths={lengths}", describe(proc)
+
+
+@pytest.mark.timeout(120)
+def test_seed_ddict_example_puts_managers_on_all_three_hosts(hosts, work, env_with_pkg):
+    proc = seed_run(hosts, "ex4_ddict.py", work, env_with_pkg)
+    assert proc.returncode == 0, describe(proc)
+    files = list(Path(work[0]).glob("*"))
+    lengths = [len(FILES[f.name]) for f in files]
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"processed={len(files)} stored={len(files)} total={sum(lengths)} managers=6"), \
+        describe(proc)
