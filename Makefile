@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean chromium notebooks
+.PHONY: demo test bench venv clean chromium notebooks plot
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,7 @@ notebooks: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# docs/img/benchmarks.svg from the figures `make bench` wrote to benchmarks/results/
+plot: $(STAMP)
+	$(PY) benchmarks/plot.py
