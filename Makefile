@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean chromium notebooks plot
+.PHONY: demo test bench venv clean chromium notebooks docs plot
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ notebooks: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# the documentation site (MkDocs) into build/site; a warning is an error
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --site-dir build/site
 
 # docs/img/benchmarks.svg from the figures `make bench` wrote to benchmarks/results/
 plot: $(STAMP)
