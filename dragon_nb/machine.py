@@ -5,10 +5,11 @@ memory in use, processes) from the newest telemetry the agents published.
 """
 from __future__ import annotations
 
+import operator
 import time
 
 from dragon_nb.runtime import get_runtime
-from dragon_nb.runtime.client import drain_events
+from dragon_nb.runtime.client import Runtime, drain_events
 from dragon_nb.wire import protocol as P
 
 
@@ -16,11 +17,17 @@ def _node_table(runtime=None) -> list[dict]:
     return (runtime or get_runtime()).nodes(refresh=True)
 
 
+def _check_runtime(runtime):
+    if runtime is not None and not isinstance(runtime, Runtime):
+        raise TypeError(f"runtime must be a dragon_nb.Runtime or None, not {runtime!r}")
+    return runtime or get_runtime()
+
+
 class System:
     """All the nodes of the current runtime (started on first use)."""
 
     def __init__(self, runtime=None):
-        self._runtime = runtime or get_runtime()
+        self._runtime = _check_runtime(runtime)
         self._nodes = [n for n in _node_table(self._runtime) if n.get("alive", True)]
 
     @property
@@ -47,7 +54,13 @@ class Node:
     """One node: its identity and resources, and a live view of its load."""
 
     def __init__(self, ident, runtime=None):
-        self._runtime = runtime or get_runtime()
+        if isinstance(ident, bool) or not (isinstance(ident, str) or
+                                           hasattr(type(ident), "__index__")):
+            raise TypeError(f"Node() takes a node id (h_uid, an int) or a node name "
+                            f"(a str), not {ident!r}")
+        if not isinstance(ident, str):
+            ident = operator.index(ident)
+        self._runtime = _check_runtime(runtime)
         table = _node_table(self._runtime)
         match = [n for n in table if ident in (n["id"], n["name"])]
         if not match:

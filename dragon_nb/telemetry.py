@@ -11,16 +11,22 @@ import threading
 import time
 
 from dragon_nb.runtime import get_runtime
-from dragon_nb.runtime.client import drain_events, zmq_context
+from dragon_nb.runtime.client import Runtime, drain_events, zmq_context
 from dragon_nb.wire import protocol as P
 
 
 class TelemetryMonitor:
-    """Latest telemetry per node, updated in the background."""
+    """Latest telemetry per node, updated in the background; ``lost`` maps each
+    node the runtime lost (its agent died) to why."""
 
     def __init__(self, runtime=None, on_update=None):
+        if runtime is not None and not isinstance(runtime, Runtime):
+            raise TypeError(f"runtime must be a dragon_nb.Runtime or None, not {runtime!r}")
+        if on_update is not None and not callable(on_update):
+            raise TypeError(f"on_update must be a function or None, not {on_update!r}")
         self.runtime = runtime or get_runtime()
         self.latest: dict[int, dict] = {}
+        self.lost: dict[int, str] = {}
         self.on_update = on_update
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -29,24 +35,47 @@ class TelemetryMonitor:
         self._thread.start()
 
     def _run(self):
-        sock = self.runtime.subscribe(P.TOPIC_TELEMETRY, context=zmq_context())
+        sock = self.runtime.subscribe(P.TOPIC_TELEMETRY, P.TOPIC_NODES, context=zmq_context())
         try:
+            self._lost_before()
             while not self._stop.is_set():
                 if not sock.poll(200):
                     if not self.runtime.alive:
                         return
                     continue
                 for body in drain_events(sock):
+                    node = body.get("node")
                     with self._lock:
-                        self.latest[body["node"]] = body
+                        if "event" not in body:            # a node's figures
+                            self.latest[node] = body
+                        elif body["event"] == "lost":
+                            self.lost[node] = body.get("why") or "lost"
+                        elif body["event"] == "joined":
+                            self.lost.pop(node, None)
                 if self.on_update is not None:
                     self.on_update(self.snapshot())
         finally:
             sock.close(linger=0)
 
+    def _lost_before(self):
+        """Nodes lost before this monitor subscribed (the events are gone)."""
+        try:
+            nodes = self.runtime.nodes(refresh=True)
+        except Exception:           # a stopped runtime: nothing to show anyway
+            return
+        with self._lock:
+            for n in nodes:
+                if n.get("alive") is False and n["id"] not in self.lost:
+                    self.lost[n["id"]] = "lost"
+
     def snapshot(self) -> dict[int, dict]:
         with self._lock:
             return dict(self.latest)
+
+    def lost_nodes(self) -> dict[int, str]:
+        """{node id: why} for the nodes the runtime lost."""
+        with self._lock:
+            return dict(self.lost)
 
     def wait_for_nodes(self, n: int, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout

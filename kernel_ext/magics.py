@@ -79,6 +79,10 @@ class DragonMagics(Magics):
             if value is not None and value < 1:
                 print(f"UsageError: --{opt.replace('_', '-')} must be at least 1, not {value}")
                 return None
+        if args.action in ("start", "stop", "restart", "status", "nodes") and args.rest:
+            print(f"UsageError: %dragon {args.action} takes no arguments, "
+                  f"not {' '.join(args.rest)!r}")
+            return None
         return getattr(self, f"_{args.action}")(args)
 
     # -- runtime -----------------------------------------------------------------
@@ -159,10 +163,17 @@ class DragonMagics(Magics):
         if fname not in ns:
             print(f"NameError: name {fname!r} is not defined in the notebook")
             return None
+        if not callable(ns[fname]):
+            print(f"TypeError: {fname!r} is a {type(ns[fname]).__name__}, not a function")
+            return None
         try:
             iterable = eval(expr, ns)
-        except NameError as e:
-            print(f"NameError: {e}")
+        except Exception as e:             # NameError, SyntaxError, whatever it raised
+            print(f"{type(e).__name__}: {e}")
+            return None
+        if not (hasattr(iterable, "__iter__") or hasattr(iterable, "__getitem__")):
+            print(f"TypeError: ITERABLE {expr!r} is a {type(iterable).__name__}, "
+                  f"which cannot be iterated over")
             return None
         with dragon_nb.Pool(args.processes) as pool:
             result = pool.map(ns[fname], iterable, args.chunksize,
@@ -261,15 +272,22 @@ class DragonMagics(Magics):
         stage: FUNC [workers=N] [nodes=0,1]
         ...
         """
+        from dragon_nb.pipeline import Pipeline, stage
         try:
             args = parse_argstring(self.dragon_cell, line)
+            if args.queue_depth < 1:
+                raise UsageError(f"--queue-depth must be at least 1, not {args.queue_depth}")
             source, stages = parse_pipeline_cell(cell, self.shell.user_ns)
-        except (UsageError, ValueError, NameError) as e:
+            stages = [stage(f, workers=w, nodes=n) for f, w, n in stages]
+        except (UsageError, ValueError, NameError, TypeError) as e:
             print(f"{type(e).__name__}: {e}\n\n{PIPELINE_HELP}")
             return None
-        from dragon_nb.pipeline import Pipeline, stage
-        pipe = Pipeline(source, *(stage(f, workers=w, nodes=n) for f, w, n in stages),
-                        ordered=not args.unordered, queue_depth=args.queue_depth)
+        try:
+            pipe = Pipeline(source, *stages, ordered=not args.unordered,
+                            queue_depth=args.queue_depth)
+        except (RuntimeError, ValueError, TypeError) as e:   # a node that is not there, say
+            print(f"{type(e).__name__}: {e}")
+            return None
         view = None
         if in_kernel(self.shell):
             from dragon_nb.widgets.live import PipelineWidget
@@ -320,6 +338,12 @@ def parse_pipeline_cell(cell: str, ns: dict):
                 source = eval(rest, ns)
             except NameError as e:
                 raise NameError(f"line {lineno}: {e}") from None
+            except Exception as e:             # SyntaxError, or whatever it raised
+                raise ValueError(f"line {lineno}: the source {rest!r} failed: "
+                                 f"{type(e).__name__}: {e}") from None
+            if not (hasattr(source, "__iter__") or hasattr(source, "__getitem__")):
+                raise TypeError(f"line {lineno}: the source {rest!r} is a "
+                                f"{type(source).__name__}, which cannot be iterated over")
         elif what == "stage":
             words = rest.split()
             if not words:
@@ -332,8 +356,17 @@ def parse_pipeline_cell(cell: str, ns: dict):
                 if not eq or key not in ("workers", "nodes"):
                     raise ValueError(f"line {lineno}: expected workers=N or nodes=A,B, not {w!r}")
                 opts[key] = value
-            workers = int(opts.get("workers", 1))
-            nodes = [int(n) for n in opts["nodes"].split(",")] if "nodes" in opts else None
+            try:
+                workers = int(opts.get("workers", 1))
+                nodes = [int(n) for n in opts["nodes"].split(",")] if "nodes" in opts else None
+            except ValueError:
+                raise ValueError(f"line {lineno}: workers=N takes a positive integer and "
+                                 f"nodes=A,B node ids, not {' '.join(words[1:])!r}") from None
+            if workers < 1:
+                raise ValueError(f"line {lineno}: workers must be at least 1, not {workers}")
+            if not callable(ns[words[0]]):
+                raise TypeError(f"line {lineno}: {words[0]!r} is a "
+                                f"{type(ns[words[0]]).__name__}, not a function")
             stages.append((ns[words[0]], workers, nodes))
         else:
             raise ValueError(f"line {lineno}: expected 'source:' or 'stage:', not {line!r}")

@@ -8,6 +8,7 @@ the saved notebook keeps it.
 """
 from __future__ import annotations
 
+import html
 import threading
 
 import ipywidgets as W
@@ -41,6 +42,17 @@ class _NodeLine:
         self.box = W.HBox([self.label, self.tasks, self.cpu, self.mem, self.text])
 
     def show(self, row, tasks_max: int):
+        if row.lost:
+            self.label.value = (f"<b>node {row.node}</b> <small>{row.host}</small> "
+                                f"<b style='color:#c62828'>lost</b>")
+            for bar in (self.cpu, self.mem):
+                bar.value = 0
+            self.tasks.bar_style = "danger"
+            self.tasks.max = max(1, tasks_max)
+            self.tasks.value = min(row.done, self.tasks.max)
+            self.text.value = (f"lost ({html.escape(row.lost)}) · {row.done} done before; "
+                               f"its work moved to the live nodes")
+            return
         self.label.value = f"<b>node {row.node}</b> <small>{row.host}</small>"
         self.tasks.max = max(1, tasks_max)
         self.tasks.value = min(row.done, self.tasks.max)
@@ -117,7 +129,8 @@ class CallWidget(_LiveView):
 
     def rows(self):
         rows = node_rows(self.monitor.snapshot(), owner=self.pool.owner,
-                         call_by_node=dict(self.progress.by_node), nodes=self.progress.nodes)
+                         call_by_node=dict(self.progress.by_node), nodes=self.progress.nodes,
+                         lost=self.monitor.lost_nodes())
         self.rates.update(rows)
         static = {n["id"]: n for n in self.runtime.nodes()}
         workers = {}
@@ -178,12 +191,29 @@ class Dashboard(_LiveView):
     def __init__(self, runtime):
         super().__init__(runtime, "dragon-nb runtime")
 
+    def rows(self):
+        static = {n["id"]: n for n in self.runtime.nodes()}
+        rows = node_rows(self.monitor.snapshot(), nodes=list(static),
+                         lost=self.monitor.lost_nodes())
+        for row in rows:                 # no telemetry from a node (yet, or ever): what is known
+            info = static.get(row.node, {})
+            if row.host == "?":
+                row.host = info.get("hostname", "?")
+            if not row.physical_mem:
+                row.physical_mem = info.get("physical_mem", 0)
+            row.num_cpus = info.get("num_cpus", row.num_cpus)
+        return rows
+
     def refresh(self):
-        rows = node_rows(self.monitor.snapshot(), nodes=[n["id"] for n in self.runtime.nodes()])
+        rows = self.rows()
         self.rates.update(rows)
         busiest = max((r.done for r in rows), default=1)
-        self.title.value = (f"<b>dragon-nb runtime</b>: {len(rows)} node(s), "
-                            f"{self.runtime.cpu_count()} core(s)")
+        lost = [r.node for r in rows if r.lost]
+        live = [r for r in rows if not r.lost]
+        cores = sum(r.num_cpus for r in live)
+        self.title.value = (f"<b>dragon-nb runtime</b>: {len(live)} node(s), {cores} core(s)"
+                            + (f"; lost: {', '.join(f'node {n}' for n in lost)}"
+                               if lost else ""))
         for row in rows:
             self._line(row.node).show(row, busiest)
 

@@ -27,6 +27,7 @@ class NodeRow:
     rss: int = 0
     physical_mem: int = 0
     ddict_bytes: int = 0
+    lost: str | None = None   # why the runtime lost the node (its agent died), if it did
 
     @property
     def mem_fraction(self) -> float:
@@ -38,9 +39,12 @@ class NodeRow:
 
 
 def node_rows(telemetry: dict[int, dict], owner: str | None = None,
-              call_by_node: dict | None = None, nodes=None) -> list[NodeRow]:
+              call_by_node: dict | None = None, nodes=None,
+              lost: dict | None = None) -> list[NodeRow]:
     """Rows from the newest telemetry records; ``owner`` narrows tasks to one pool,
-    ``call_by_node`` (items done per node for one call) replaces the done counts."""
+    ``call_by_node`` (items done per node for one call) replaces the done counts;
+    ``lost`` ({node: why}) marks the nodes the runtime lost, which run nothing."""
+    lost = lost or {}
     ids = sorted(set(telemetry) | set(nodes or ()) | set(call_by_node or ()))
     rows = []
     for node in ids:
@@ -59,6 +63,10 @@ def node_rows(telemetry: dict[int, dict], owner: str | None = None,
                       ddict_bytes=sum(o.get("bytes", 0) for o in owners.values()))
         if call_by_node is not None:
             row.done = call_by_node.get(node, 0)
+        if node in lost:            # its last figures are history: nothing runs there
+            row.lost = lost[node]
+            row.workers = row.running = row.queued = row.rss = row.ddict_bytes = 0
+            row.cpu_percent = 0.0
         rows.append(row)
     return rows
 
@@ -92,7 +100,8 @@ def rows_html(title: str, rows: list[NodeRow], footer: str = "") -> str:
     head = ("<tr><th>node</th><th>host</th><th>workers</th><th>done</th><th>running</th>"
             "<th>queued</th><th>CPU</th><th>memory</th><th>DDict</th></tr>")
     body = "".join(
-        f"<tr><td>{r.node}</td><td>{html.escape(r.host)}</td><td>{r.workers}</td>"
+        f"<tr><td>{r.node}{' (lost)' if r.lost else ''}</td><td>{html.escape(r.host)}</td>"
+        f"<td>{r.workers}</td>"
         f"<td>{r.done}</td><td>{r.running}</td><td>{r.queued}</td>"
         f"<td>{r.cpu_percent:.0f}%</td><td>{fmt_bytes(r.rss)} / {fmt_bytes(r.physical_mem)}</td>"
         f"<td>{fmt_bytes(r.ddict_bytes)}</td></tr>" for r in rows)
