@@ -576,6 +576,7 @@ MACHINE_CASES = {
     'Runtime(nodes="2")': (lambda: dragon_nb.Runtime(nodes="2"), ValueError, "nodes"),
     "Runtime(nodes=2.5)": (lambda: dragon_nb.Runtime(nodes=2.5), ValueError, "nodes"),
     "Runtime(nodes=0)": (lambda: dragon_nb.Runtime(nodes=0), ValueError, "nodes"),
+    "Runtime(nodes=True)": (lambda: dragon_nb.Runtime(nodes=True), ValueError, "nodes"),
     'workers_per_node="2"': (lambda: dragon_nb.Runtime(1, workers_per_node="2"), ValueError,
                              "workers_per_node"),
     "cpus_per_node=0": (lambda: dragon_nb.Runtime(1, cpus_per_node=0), ValueError,
