@@ -41,6 +41,7 @@ from dragon_nb.runtime.counters import BYTES, KEYS
 from dragon_nb.wire import protocol as P
 
 log = logging.getLogger("dragon_nb.ddict")
+_dropped = P.DropLog(log)
 
 PUBLISH_EVERY_S = 0.05
 IDLE_S = 0.5
@@ -107,7 +108,7 @@ class Manager:
                 try:
                     frame, *bufs = P.verify_frames(self.key, [frame, *bufs])
                 except (P.ProtocolError, ValueError) as e:
-                    log.warning("manager %s: dropped a message: %s", self.shard.mid, e)
+                    _dropped("manager %s: dropped a message: %s", self.shard.mid, e)
                     continue
             out = self.shard.handle(frame, bufs, ident)
             if out is not None:

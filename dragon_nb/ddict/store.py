@@ -22,6 +22,7 @@ import time
 from dragon_nb.wire import protocol as P
 
 log = logging.getLogger("dragon_nb.ddict")
+_dropped = P.DropLog(log)
 
 REQ, REP, ENTRY, ITEM = P.DD_REQUEST, P.DD_REPLY, P.DD_ENTRY, P.DD_ITEM
 HDR = REQ.size
@@ -89,7 +90,7 @@ class Shard:
         datagram; a bigger one is DDS_TOO_BIG, with nothing changed.
         """
         if len(frame) < HDR:
-            log.warning("manager %s: dropped a %d-byte message", self.mid, len(frame))
+            _dropped("manager %s: dropped a %d-byte message", self.mid, len(frame))
             return None
         op, flags, vflags, nbufs, rid, klen, arg = REQ.unpack_from(frame)
         try:
@@ -100,7 +101,7 @@ class Shard:
             key = frame[HDR:HDR + klen]
             out = fn(rid, key, frame, HDR + klen, flags, vflags, bufs, arg, ident, lane)
         except BadRequest as e:
-            log.warning("manager %s: bad request: %s", self.mid, e)
+            _dropped("manager %s: bad request: %s", self.mid, e)
             return reply(rid, P.DDS_BAD, str(e).encode())
         except Exception as e:   # never let one request take the manager down
             log.exception("manager %s: %s failed", self.mid, P.DD_OP_NAMES.get(op, op))

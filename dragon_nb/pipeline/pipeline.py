@@ -169,6 +169,7 @@ class Pipeline:
         self.sink = net.prepare(ctx.socket(zmq.PULL))
         self.sink.setsockopt(zmq.RCVHWM, self.hwm)
         outputs = [net.bind(self.sink, f"{self.owner}-sink")]
+        self.stage_inputs: dict[int, list] = {}      # stage -> where its workers receive
         try:
             for k in reversed(range(len(stages))):
                 st, last = stages[k], k == len(stages) - 1
@@ -180,7 +181,7 @@ class Pipeline:
                             "key": S.dumps_inline(key) if (last and key is not None) else None}
                     nodes = [st.nodes[i % len(st.nodes)]] if st.nodes else None
                     self._spawn(STAGE_ENTRY, spec, k, nodes)
-                outputs = self._inputs(k, st.workers)
+                outputs = self.stage_inputs[k] = self._inputs(k, st.workers)
             if isinstance(source, NodeSource):
                 spec = {**common, "source": S.dumps_inline((source.func, source.args)),
                         "outputs": outputs, "batch": source.batch}

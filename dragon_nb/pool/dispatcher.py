@@ -33,6 +33,7 @@ from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
 
 log = logging.getLogger("dragon_nb.pool")
+_dropped = P.DropLog(log)
 
 TARGET_QUEUED_S = 0.02        # work a worker should hold queued
 MAX_WINDOW = 256
@@ -583,7 +584,7 @@ class Dispatcher:
                         except zmq.Again:
                             break
                         except P.ProtocolError as e:
-                            log.warning("dropped malformed message: %s", e)
+                            _dropped("dropped malformed message: %s", e)
                             continue
                         self._on_message(ident, kind, body, bufs)
                 if self.sub in events:

@@ -34,9 +34,11 @@ from dragon_nb.runtime.counters import CUMULATIVE, FIELDS, CounterBlock, Counter
 from dragon_nb.wire import protocol as P
 
 log = logging.getLogger("dragon_nb.agent")
+_dropped = P.DropLog(log)
 
 JOIN_TIMEOUT_S = 10.0      # a head that does not welcome us by then: wrong key or address
 HEAD_TIMEOUT_S = 10.0      # an agent on another host that hears nothing this long stops
+ENTRY_PACKAGE = "dragon_nb."   # service entry points are dragon-nb's own, nothing else
 
 
 @dataclass
@@ -92,6 +94,9 @@ class Agent:
 
     # -- spawning -------------------------------------------------------------
     def spawn(self, body):
+        module = str(body["entry"]).partition(":")[0]
+        if not module.startswith(ENTRY_PACKAGE):   # never "builtins:exec" and the like
+            raise ValueError(f"{body['entry']!r} is not an entry point of dragon-nb")
         pids = []
         for index in range(int(body["count"])):
             slot = self.counters.allocate()
@@ -230,7 +235,7 @@ class Agent:
             try:
                 _, kind, body, _ = self.chan.recv()
             except P.ProtocolError as e:
-                log.warning("dropped a message that fails the check: %s", e)
+                _dropped("dropped a message that fails the check: %s", e)
                 continue
             if isinstance(body, dict) and body.get("op") == "welcome":
                 self.node = int(body["node"])
@@ -278,7 +283,7 @@ class Agent:
                     except zmq.Again:
                         break
                     except P.ProtocolError as e:
-                        log.warning("dropped malformed message: %s", e)
+                        _dropped("dropped malformed message: %s", e)
                         continue
                     if not isinstance(body, dict):
                         continue

@@ -33,6 +33,7 @@ from dragon_nb.runtime import launch, network
 from dragon_nb.wire import protocol as P
 
 log = logging.getLogger("dragon_nb.head")
+_dropped = P.DropLog(log)
 
 AGENT_POLL_S = 0.1
 SHUTDOWN_GRACE_S = 2.0
@@ -329,7 +330,7 @@ class Head:
                         "virtual": False, "agent_pid": int(body["pid"]),
                         "address": str(body.get("address")), "remote": True}
             except (KeyError, TypeError, ValueError) as e:
-                log.warning("dropped a malformed registration: %r", e)
+                _dropped("dropped a malformed registration: %r", e)
                 return
             self.nodes[nid] = info
         info = self.nodes.get(nid)
@@ -395,10 +396,10 @@ class Head:
                     except zmq.Again:
                         break
                     except P.ProtocolError as e:
-                        log.warning("dropped malformed message: %s", e)
+                        _dropped("dropped malformed message: %s", e)
                         continue
                     if not isinstance(body, dict):
-                        log.warning("dropped message with a non-dict body")
+                        _dropped("dropped message with a non-dict body")
                         continue
                     try:
                         if kind == P.REQ:
@@ -408,7 +409,7 @@ class Head:
                         elif kind == P.REP and ident in self.ident_to_node:
                             self.on_agent_reply(self.ident_to_node[ident], body)
                     except Exception as e:       # a well-signed but nonsensical message
-                        log.warning("dropped a %r message it could not act on: %r", kind, e)
+                        _dropped("dropped a %r message it could not act on: %r", kind, e)
             now = time.monotonic()
             if now - last_check >= AGENT_POLL_S:
                 last_check = now

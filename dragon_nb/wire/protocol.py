@@ -28,6 +28,7 @@ import io
 import pickle
 import logging
 import struct
+import time
 
 import zmq
 
@@ -114,6 +115,27 @@ PICKLE_PROTOCOL = 5
 
 class ProtocolError(Exception):
     """A frame that is malformed or fails authentication."""
+
+
+class DropLog:
+    """Logs dropped messages, at most one line per ``every_s`` however many
+    arrive, so that a flood of bad frames cannot flood the log as well."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 5.0):
+        self.logger, self.every_s = logger, every_s
+        self.unreported = 0
+        self.next_report = 0.0
+
+    def __call__(self, fmt: str, *args) -> None:
+        self.unreported += 1
+        now = time.monotonic()
+        if now < self.next_report:
+            return
+        more = self.unreported - 1
+        self.logger.warning(fmt + (f" (and {more} more dropped since the last report)"
+                                   if more else ""), *args)
+        self.unreported = 0
+        self.next_report = now + self.every_s
 
 
 class _PlainUnpickler(pickle.Unpickler):

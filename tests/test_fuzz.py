@@ -1,0 +1,182 @@
+"""Every socket a runtime listens on, fed 10,000 random and malformed messages.
+
+For each kind of socket -- the head's ROUTER, a Pool's endpoint in the caller,
+a DDict manager (its zmq ROUTER, and its same-host lane), a pipeline stage's
+input -- the messages are a mix of random frames, real message kinds with
+random or ill-typed bodies, requests that lie about their sizes, and valid
+pickles that would create a marker directory if anything unpickled them with
+globals allowed. Afterwards: no process of the runtime crashed, nothing was
+unpickled (no marker), and the same runtime still serves real work.
+
+On a runtime that spans hosts (TCP, signed), every one of those messages must
+fail the signature check, so nothing in them is read at all. On a one-host
+runtime (ipc in a 0700 directory), the peer is the same user; messages must
+still not crash or hang anything, and control messages cannot build objects.
+Agents bind no socket: they hear only the head.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import select
+import socket
+import struct
+import time
+
+import psutil
+import pytest
+import zmq
+
+import dragon_nb
+from dragon_nb import DDict, Pipeline, Pool, stage
+from dragon_nb.wire import protocol as P
+
+MESSAGES = 10_000
+
+
+class Marker:
+    """Unpickling this (globals allowed) creates a directory: proof something was read."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def square(x):
+    return x * x
+
+
+KINDS = [P.REQ, P.REP, P.EVT, P.HELLO, P.TASKS, P.RESULTS, P.CANCEL, P.INIT_FAILED,
+         P.STOP, P.OUTPUT, P.PIPE_ITEMS, P.PIPE_END, P.BOUND]
+
+
+def messages(marker: str, seed: int, control: bool):
+    """``MESSAGES`` multipart messages (lists of bytes). ``control``: include
+    well-formed control requests that would act if they were obeyed (spawn of a
+    foreign entry point, kill, shutdown) -- only where they must be refused."""
+    rng = random.Random(seed)
+    evil = pickle.dumps(Marker(marker), protocol=5)
+    evil_dict = pickle.dumps({"op": "register", "rid": 1, "x": Marker(marker)}, protocol=5)
+    ill_typed = [{"op": "spawn", "rid": 1, "count": "many", "entry": 3, "owner": None},
+                 {"op": "register", "node": None, "cpus": "x", "hostname": 5},
+                 {"op": "telemetry", "node": [], "owners": 7},
+                 {"op": "exited", "node": 0, "procs": "zz"},
+                 {"results": [(1, 2)], "busy": "no"}, {"wid": b"", "pid": -1},
+                 {"seq": "a", "start": None}, {"jobs": 5}, [], None, 42]
+    if control:
+        ill_typed += [{"op": "spawn", "rid": 2, "count": 1, "entry": "builtins:exec",
+                       "owner": "x", "spec": b"import os; os.mkdir('" +
+                       marker.encode() + b"')"},
+                      {"op": "kill", "rid": 3, "procs": [(0, 1)], "sig": 9},
+                      {"op": "shutdown", "rid": 4}]
+    for _ in range(MESSAGES):
+        r = rng.random()
+        kind = rng.choice(KINDS)
+        if r < 0.25:
+            yield [rng.randbytes(rng.randrange(0, 300)) for _ in range(rng.randrange(1, 5))]
+        elif r < 0.40:
+            yield [kind, rng.randbytes(rng.randrange(0, 200))]
+        elif r < 0.55:
+            yield [kind, rng.choice([evil, evil_dict])] + [evil] * rng.randrange(0, 2)
+        elif r < 0.65:
+            yield [kind, rng.randbytes(32), evil]                  # looks signed
+        elif r < 0.80:
+            yield [kind, pickle.dumps(rng.choice(ill_typed), protocol=5)]
+        elif r < 0.95:
+            yield [P.DD_REQUEST.pack(rng.randrange(0, 40), rng.randrange(0, 256),
+                                     rng.randrange(0, 256), rng.randrange(0, 4),
+                                     rng.randrange(0, 2 ** 32), rng.randrange(0, 2 ** 32),
+                                     rng.randrange(-2 ** 63, 2 ** 63))
+                   + rng.choice([b"", evil, rng.randbytes(50)])]
+        else:
+            yield [b""] * rng.randrange(1, 3) + [rng.randbytes(rng.randrange(1, 1 << 20))]
+
+
+def flood(address: str, sock_type: int, marker: str, seed: int, control: bool) -> int:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(sock_type)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.connect(address)
+    sent = 0
+    for frames in messages(marker, seed, control):
+        sock.send_multipart(frames)
+        sent += 1
+        if sock_type == zmq.DEALER and sock.poll(0):      # replies, if any: read, never trusted
+            while sock.poll(0):
+                sock.recv_multipart()
+    sock.close()          # lingers until everything is handed over
+    return sent
+
+
+def flood_lane(path: str, seed: int) -> int:
+    rng = random.Random(seed)
+    sent = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(path)
+        s.settimeout(10)          # a manager that stops reading fails the test, not hangs it
+        for _ in range(MESSAGES):
+            head = P.DD_REQUEST.pack(rng.randrange(0, 40), rng.randrange(0, 256), 0, 0,
+                                     rng.randrange(0, 2 ** 32), rng.randrange(0, 2 ** 32),
+                                     rng.randrange(-2 ** 63, 2 ** 63))
+            data = rng.choice([head, head + rng.randbytes(100), rng.randbytes(30), b"\0"])
+            s.send(data)
+            sent += 1
+            while select.select([s], [], [], 0)[0]:     # replies, if any: read, not trusted
+                s.recv(1 << 17)
+    return sent
+
+
+def runtime_processes(rt) -> list[psutil.Process]:
+    head = psutil.Process(rt._proc.pid)
+    return [head, *head.children(recursive=True)]
+
+
+def still_serves(rt, pool, d):
+    assert len(rt.request("nodes")["nodes"]) == 2
+    assert pool.map(square, range(100)) == [x * x for x in range(100)]
+    d["after"] = list(range(10))
+    assert d["after"] == list(range(10)) and d["before"] == "kept"
+
+
+@pytest.fixture(params=["tcp", "ipc"])
+def runtime(request):
+    kw = {"listen": "127.0.0.1"} if request.param == "tcp" else {}
+    rt = dragon_nb.start(nodes=2, **kw)
+    try:
+        yield request.param, rt
+    finally:
+        dragon_nb.stop()
+
+
+@pytest.mark.timeout(240)
+def test_random_and_malformed_messages_crash_nothing_and_unpickle_nothing(runtime, tmp_path):
+    mode, rt = runtime
+    marker = str(tmp_path / "unpickled")
+    with Pool(2) as pool:
+        d = DDict(1, 2, 32 << 20)
+        d["before"] = "kept"
+        procs_before = {p.pid for p in runtime_processes(rt)}
+        manager = d._managers[0]
+        targets = [(rt.tcp_address if mode == "tcp" else rt.address, zmq.DEALER),
+                   (pool._dispatcher.address, zmq.DEALER),
+                   (manager[3], zmq.DEALER)]
+        for seed, (address, kind) in enumerate(targets):
+            assert flood(address, kind, marker, seed, control=mode == "tcp") == MESSAGES
+        if mode == "ipc":
+            assert flood_lane(manager[4], 99) == MESSAGES
+        else:
+            pipe = Pipeline(range(2000), stage(square, workers=2))
+            first = [next(pipe) for _ in range(10)]
+            for seed, address in enumerate(pipe.stage_inputs[0]):
+                assert flood(address, zmq.PUSH, marker, 50 + seed, control=True) == MESSAGES
+            assert first + list(pipe) == [x * x for x in range(2000)]
+        time.sleep(0.5)                     # what was queued is read by now
+        still_serves(rt, pool, d)
+        gone = procs_before - {p.pid for p in runtime_processes(rt)}
+        assert not gone, f"runtime processes died under the fuzz: {gone}"
+        assert not os.path.exists(marker), "a fuzzed message was unpickled"
+        d.destroy()
