@@ -102,7 +102,10 @@ class StageWorker:
         if into is not None:           # the last stage stores results where they belong
             for i, value in enumerate(out):
                 if i not in failures:
-                    into[self.key(start + i, value)] = value
+                    try:           # a full DDict, say: that item's error, at its position
+                        into[self.key(start + i, value)] = value
+                    except Exception as e:
+                        failures[i] = StageFailure(stage, name, start + i, self.ctx.node, e)
             out = [None] * len(out)
         self.items_out += len(values)
         self.counters.set(DONE, self.items_out)

@@ -59,6 +59,11 @@ class Runtime:
                  cpus_per_node: int | None = None, telemetry_interval: float = 0.25,
                  timeout: float = DEFAULT_TIMEOUT, hosts=None, listen: str | None = None,
                  launcher: str = "ssh", port: int = 0):
+        for what, v in (("timeout", timeout), ("telemetry_interval", telemetry_interval)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{what} must be a number of seconds, not {v!r}")
+            if not v > 0:
+                raise ValueError(f"{what} must be a positive number of seconds, not {v!r}")
         hosts = _host_list(hosts)
         networked = bool(hosts) or listen is not None
         if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < (0 if networked else 1):
@@ -255,7 +260,14 @@ def drain_events(sock: zmq.Socket):
 
 def exit_reason(code) -> str:
     """How a process of an ``exit.<owner>`` event ended, for error messages."""
-    return "was killed" if code is None or code < 0 else f"exited with code {code}"
+    if code is None:
+        return "was lost with its node"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def _host_list(hosts) -> list[str]:
@@ -312,6 +324,8 @@ def start(nodes: int | None = None, workers_per_node: int | None = None,
         if _current is not None and _current.alive:
             raise RuntimeError(f"a dragon-nb runtime is already running: {_current!r}; "
                                f"call dragon_nb.stop() first")
+        if _current is not None and _current.pid == os.getpid():
+            _current.stop()          # its head died: what it left goes before a new one
         if nodes is None:
             nodes = int(os.environ.get("DRAGON_NB_NODES", "1"))
         if workers_per_node is None and os.environ.get("DRAGON_NB_WORKERS_PER_NODE"):
