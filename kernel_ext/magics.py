@@ -1,6 +1,7 @@
 """``%dragon``: the runtime behind the kernel, Pool maps, live views.
 
     %dragon start [--nodes N] [--workers-per-node K] [--cpus-per-node C]
+                  [--hosts h1,h2 [--launcher ssh|srun|TEMPLATE] [--listen ADDR] [--dry-run]]
     %dragon stop | restart | status | nodes
     %dragon progress on|off
     %dragon map FUNC ITERABLE [--chunksize N] [--processes P] [-o NAME] [--no-progress]
@@ -45,6 +46,15 @@ class DragonMagics(Magics):
               help="default Pool workers per node (default: the node's cores)")
     @argument("--cpus-per-node", type=int, default=None,
               help="cores each virtual node claims (default: its share of the host's)")
+    @argument("--hosts", default=None,
+              help="start: also one node on each of these hosts (comma-separated)")
+    @argument("--launcher", default="ssh",
+              help="start: how agents start on --hosts: ssh, srun, or a template with "
+                   "{host} and {command}")
+    @argument("--listen", default=None,
+              help="start: address or interface other hosts reach this one on")
+    @argument("--dry-run", action="store_true",
+              help="start: show the commands that would start agents on --hosts")
     @argument("--chunksize", type=int, default=None, help="map: items per task")
     @argument("--processes", type=int, default=None, help="map: pool size (default: all cores)")
     @argument("-o", "--output", default=None, help="map: name to bind the result list to")
@@ -59,6 +69,8 @@ class DragonMagics(Magics):
 
         %dragon start [--nodes N] [--workers-per-node K] [--cpus-per-node C]
             start a runtime of N virtual nodes (says so if one is running)
+        %dragon start --hosts h1,h2 [--launcher ssh|srun|TEMPLATE] [--listen ADDR] [--dry-run]
+            and one node on each host, its agent started by the launcher over signed TCP
         %dragon stop | restart
         %dragon status      the live per-node dashboard
         %dragon nodes       the System/Node table
@@ -87,15 +99,34 @@ class DragonMagics(Magics):
 
     # -- runtime -----------------------------------------------------------------
     def _start(self, args):
+        if args.dry_run:
+            if not args.hosts:
+                print("UsageError: --dry-run shows how agents start on --hosts; none given")
+                return None
+            from dragon_nb.runtime import hosts
+            try:
+                print(hosts.dry_run(args.hosts.split(","), args.launcher, args.listen))
+            except ValueError as e:
+                print(f"UsageError: {e}")
+            return None
         rt = get_runtime(auto_start=False)
         if rt is not None:
             print(f"a runtime is already running: {rt!r}")
             print(node_table(rt))
             return None
-        rt = dragon_nb.start(nodes=args.nodes, workers_per_node=args.workers_per_node,
-                             cpus_per_node=args.cpus_per_node)
+        network = {}
+        if args.hosts or args.listen:
+            network = {"hosts": args.hosts, "listen": args.listen, "launcher": args.launcher}
+        try:
+            rt = dragon_nb.start(nodes=args.nodes, workers_per_node=args.workers_per_node,
+                                 cpus_per_node=args.cpus_per_node, **network)
+        except (ValueError, TypeError) as e:
+            print(f"UsageError: {e}")
+            return None
         DragonMagics.started_here = True
         print(f"dragon-nb runtime started: {len(rt.nodes())} node(s), {rt.cpu_count()} core(s)")
+        if rt.join_command():
+            print(f"other hosts join with: {rt.join_command()}")
         return None
 
     views: dict = {}           # kind -> the live view shown last (one of each at a time)

@@ -661,8 +661,8 @@ CELL_MAGICS = {
 @pytest.fixture(scope="module")
 def ip():
     pytest.importorskip("IPython")
-    from IPython.testing.globalipapp import start_ipython
-    shell = start_ipython()
+    from IPython.testing import globalipapp
+    shell = globalipapp.start_ipython() or globalipapp.get_ipython()   # one per session
     shell.run_line_magic("load_ext", "dragon_nb")
     shell.run_cell("def sq(x):\n    return x * x\nnot_a_function = [1, 2]")
     return shell

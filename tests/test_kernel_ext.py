@@ -2,7 +2,7 @@
 import pytest
 
 IPython = pytest.importorskip("IPython")
-from IPython.testing.globalipapp import start_ipython  # noqa: E402
+from IPython.testing import globalipapp  # noqa: E402
 
 import dragon_nb  # noqa: E402
 
@@ -11,7 +11,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(scope="module")
 def ip():
-    shell = start_ipython()
+    shell = globalipapp.start_ipython() or globalipapp.get_ipython()   # one per session
     yield shell
     dragon_nb.stop()
 
