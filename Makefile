@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean chromium notebooks docs plot
+.PHONY: demo test bench venv clean chromium hosttools notebooks docs plot
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,18 @@ chromium:
 	    fi; \
 	fi
 
-test: $(STAMP) chromium
+# tests/test_hosts.py makes test hosts with network namespaces (iproute2, as root)
+hosttools:
+	@if ! command -v ip >/dev/null || ! command -v unshare >/dev/null; then \
+	    if [ "$$(id -u)" = 0 ]; then \
+	        DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -q iproute2 util-linux </dev/null; \
+	    else \
+	        echo "tests/test_hosts.py needs root and iproute2: sudo apt-get install iproute2"; \
+	    fi; \
+	fi
+
+test: $(STAMP) chromium hosttools
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -171,3 +171,30 @@ def test_100000_keys_written_by_four_processes_at_once_are_all_there_with_their_
         assert dict(d.items()) == expected                  # read in batches
         wrong = [k for k, v in expected.items() if d[k] != v]   # and one by one
         assert wrong == []
+
+
+# --- a long-lived runtime -----------------------------------------------------------------------
+# about 4 s of pipelines here (12 s when the machine is busy), then up to 10 s
+# for the records to shrink
+@pytest.mark.timeout(60)
+def test_node_telemetry_forgets_owners_whose_processes_have_all_ended(runtime):
+    """A runtime that outlives many short pools and pipelines (a notebook kept open
+    for days, a service) must not carry every owner that ever ran in each node's
+    telemetry record, which is sent four times a second to the head and on to
+    every subscriber: the record, and the time and memory it costs the agents,
+    the head and the subscribers, would grow without end."""
+    from dragon_nb.telemetry import TelemetryMonitor
+    ended = 50
+    for _ in range(ended):                     # 2 stage owners each, one per node
+        with Pipeline(range(10), stage(inc), stage(double)) as pipe:
+            assert list(pipe) == [2 * (x + 1) for x in range(10)]
+    with TelemetryMonitor(runtime) as mon:
+        deadline = time.monotonic() + 10
+        while True:
+            time.sleep(0.5)
+            owners = {node: len(rec.get("owners", {})) for node, rec in mon.snapshot().items()}
+            if (owners and max(owners.values()) < 10) or time.monotonic() > deadline:
+                break
+    assert owners and max(owners.values()) < 10, \
+        (f"owners in each node's telemetry record (node: count) after {ended} pipelines "
+         f"ended: {owners}")

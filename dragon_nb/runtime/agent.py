@@ -39,6 +39,7 @@ _dropped = P.DropLog(log)
 JOIN_TIMEOUT_S = 10.0      # a head that does not welcome us by then: wrong key or address
 HEAD_TIMEOUT_S = 10.0      # an agent on another host that hears nothing this long stops
 ENTRY_PACKAGE = "dragon_nb."   # service entry points are dragon-nb's own, nothing else
+OWNER_GRACE_S = 2.0        # an owner with no process left is reported this long, then folded
 
 
 @dataclass
@@ -75,6 +76,8 @@ class Agent:
         self.counters = CounterBlock()
         self.children: dict[int, Child] = {}
         self.retired: dict[str, list] = {}     # owner -> summed counters of exited children
+        self.retired_at: dict[str, float] = {}  # owner -> when its last child exited
+        self.folded = [0] * len(FIELDS)         # running totals of owners long gone
         self.lifeline_fd = args.lifeline_fd
         self.pid = os.getpid()
         # wake the poll loop on SIGCHLD
@@ -163,6 +166,7 @@ class Agent:
             acc = self.retired.setdefault(child.owner, [0] * len(FIELDS))
             for f in CUMULATIVE:          # running totals outlive the process; levels do not
                 acc[f] += values[f]
+            self.retired_at[child.owner] = time.monotonic()
             exited.append((pid, code))
         if exited:
             self.chan.send(P.EVT, {"op": "exited", "node": self.node, "procs": exited})
@@ -187,14 +191,20 @@ class Agent:
                     rss += child.ps.memory_info().rss
             except psutil.Error:
                 pass
-        for owner, acc in self.retired.items():
+        now = time.monotonic()
+        for owner, acc in list(self.retired.items()):
+            if owner not in owners and now - self.retired_at[owner] > OWNER_GRACE_S:
+                for f in CUMULATIVE:     # gone for good: only the node's totals keep it
+                    self.folded[f] += acc[f]
+                del self.retired[owner], self.retired_at[owner]
+                continue
             o = owners.setdefault(owner, {"procs": 0, **{f: 0 for f in FIELDS}})
             for f in CUMULATIVE:
                 o[FIELDS[f]] += acc[f]
         self.chan.send(P.EVT, {
             "op": "telemetry", "node": self.node, "hostname": self.hostname,
             "time": time.time(), "procs": len(self.children),
-            "done": sum(o["done"] for o in owners.values()),
+            "done": sum(o["done"] for o in owners.values()) + self.folded[FIELDS.index("done")],
             "running": sum(o["running"] for o in owners.values()),
             "cpu_percent": cpu, "rss": rss, "physical_mem": self.mem,
             "num_cpus": len(self.cpus), "owners": owners})
