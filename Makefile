@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_pool.py
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_ddict.py
+	$(PY) benchmarks/bench_hosts.py
 
 # re-run the tutorial notebooks and store their outputs (then `make test` checks them)
 notebooks: $(STAMP)
