@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -137,6 +138,28 @@ def test_seed_file_examples_run_across_three_hosts(script, hosts, work, env_with
     lengths = [len(FILES[p.name]) for p in Path(work[0]).glob("*")]
     assert proc.stdout.strip().splitlines()[-1] == \
         f"results={len(lengths)} total={sum(lengths)} lengths={lengths}", describe(proc)
+
+
+@pytest.mark.timeout(120)
+def test_seed_socket_pipeline_example_runs_across_three_hosts(hosts, work, env_with_pkg):
+    """Example 5 needs cpu_count() >= 8: the caller's node claims 4 cores, h2 and h3
+    bring their own 2 each."""
+    from test_seed_examples import PAYLOAD, check_pipeline
+    server = subprocess.Popen(hosts.on("h1", [sys.executable, str(HERE / "hosts" /
+                                                                  "scenarios.py"), "serve"]),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env_with_pkg)
+    try:
+        server.stdin.write(PAYLOAD)
+        server.stdin.close()
+        assert server.stdout.readline() == b"listening\n"
+        proc = seed_run(hosts, "ex5_socket_pipeline.py", work, env_with_pkg,
+                        "--cpus-per-node", "4")
+        check_pipeline(proc)
+        assert server.wait(30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
 
 
 @pytest.mark.timeout(120)

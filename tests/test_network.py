@@ -138,9 +138,23 @@ def test_an_agent_without_a_key_or_with_a_wrong_one_says_why(tmp_path, env_with_
         assert len(rt.nodes(refresh=True)) == 1
 
 
+def dashboard_rows(dash, timeout=10.0, until=lambda rows: True):
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        dash.refresh()
+        rows = dash.rows()
+        if until(rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
+
+
 @pytest.mark.timeout(60)
 def test_an_agent_joining_by_hand_is_a_node_until_it_leaves(env_with_pkg):
+    from dragon_nb.widgets.live import Dashboard
     with dragon_nb.Runtime(nodes=1, listen="127.0.0.1") as rt:
+        dash = Dashboard(rt)
+        assert [r.node for r in dashboard_rows(dash)] == [0]
         agent = subprocess.Popen([*dragon_nb_command(), "agent", "--connect", rt.tcp_address,
                                   "--key-file", rt.connection_file, "--name", "extra"],
                                  env=env_with_pkg)
@@ -155,6 +169,9 @@ def test_an_agent_joining_by_hand_is_a_node_until_it_leaves(env_with_pkg):
             assert joined["physical_mem"] == psutil.virtual_memory().total
             with dragon_nb.Pool(1, nodes=[joined["id"]], runtime=rt) as p:
                 assert p.map(abs, [-5]) == [5]
+            rows = dashboard_rows(dash, until=lambda rows: len(rows) == 2)
+            assert [r.node for r in rows] == [0, joined["id"]] and not any(r.lost for r in rows)
+            assert "2 node(s)" in dash.title.value
         finally:
             agent.terminate()
             agent.wait(20)
@@ -163,6 +180,10 @@ def test_an_agent_joining_by_hand_is_a_node_until_it_leaves(env_with_pkg):
         while [n for n in rt.nodes(refresh=True) if n["name"] == "extra" and n["alive"]]:
             assert time.monotonic() < deadline, "the node was not marked lost"
             time.sleep(0.1)
+        rows = dashboard_rows(dash, until=lambda rows: any(r.lost for r in rows))
+        assert [r.node for r in rows if r.lost] == [joined["id"]]
+        assert f"lost: node {joined['id']}" in dash.title.value
+        dash.finish()
 
 
 def test_the_magic_shows_launch_commands_with_dry_run(capsys):

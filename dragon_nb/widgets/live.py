@@ -192,8 +192,11 @@ class Dashboard(_LiveView):
         super().__init__(runtime, "dragon-nb runtime")
 
     def rows(self):
+        snapshot = self.monitor.snapshot()
         static = {n["id"]: n for n in self.runtime.nodes()}
-        rows = node_rows(self.monitor.snapshot(), nodes=list(static),
+        if not set(snapshot) <= set(static):       # a host joined: learn its name and size
+            static = {n["id"]: n for n in self.runtime.nodes(refresh=True)}
+        rows = node_rows(snapshot, nodes=list(static),
                          lost=self.monitor.lost_nodes())
         for row in rows:                 # no telemetry from a node (yet, or ever): what is known
             info = static.get(row.node, {})

@@ -144,6 +144,22 @@ def link_down():
     return {"values_ok": got == [x * x for x in range(300)], "nodes_after": after}
 
 
+def serve():
+    """The seed's example 5 reads a socket: serve it one stream on this host's
+    127.0.0.1:9000 (the seed's port), then exit. The payload comes in on stdin."""
+    payload = sys.stdin.buffer.read()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 9000))
+        s.listen(1)
+        s.settimeout(90)
+        print("listening", flush=True)
+        conn, _ = s.accept()
+        with conn:
+            conn.sendall(payload)
+    return {"served": len(payload)}
+
+
 if __name__ == "__main__":
     result = globals()[sys.argv[1]]()
     print("RESULT " + json.dumps(result), flush=True)
