@@ -215,3 +215,39 @@ def test_a_forked_child_does_not_keep_a_killed_callers_runtime_alive(tmp_path, e
         if caller.poll() is None:
             caller.kill()
             caller.wait()
+
+
+def _manager_spec(rt, name):
+    import pickle
+    return pickle.dumps({"first_id": 0, "prefix": f"{rt.rundir}/{name}", "budget": 1 << 20,
+                         "name": name, "tombstone": f"{rt.rundir}/{name}.gone"}, 5)
+
+
+def _agent_children(rt) -> dict:
+    head = psutil.Process(rt._proc.pid)
+    return {a.pid: [c.pid for c in a.children()] for a in head.children()}
+
+
+@pytest.mark.timeout(60)
+def test_a_spawn_one_node_cannot_answer_fails_whole_and_leaves_no_process():
+    with dragon_nb.Runtime(nodes=2) as rt:
+        stuck = next(n["agent_pid"] for n in rt.nodes() if n["id"] == 1)
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            with pytest.raises(RuntimeError, match="node 1 did not start the processes in time"):
+                rt.spawn("dragon_nb.ddict.manager:main", _manager_spec(rt, "t"), 2, "test-owner",
+                         nodes=[0, 1], timeout=2.0)
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+        deadline = time.monotonic() + 10     # node 1 answers late: its processes are killed too
+        while any(_agent_children(rt).values()):
+            assert time.monotonic() < deadline, f"processes left: {_agent_children(rt)}"
+            time.sleep(0.1)
+        assert rt.request("procs")["procs"] == []
+
+
+def test_agents_start_only_dragon_nb_entry_points():
+    with dragon_nb.Runtime(nodes=1) as rt:
+        with pytest.raises(RuntimeError, match="not an entry point of dragon-nb"):
+            rt.spawn("builtins:exec", b"print('hello')", 1, "test-owner")
+        assert not any(_agent_children(rt).values())

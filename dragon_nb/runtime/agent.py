@@ -101,13 +101,17 @@ class Agent:
         if not module.startswith(ENTRY_PACKAGE):   # never "builtins:exec" and the like
             raise ValueError(f"{body['entry']!r} is not an entry point of dragon-nb")
         pids = []
-        for index in range(int(body["count"])):
-            slot = self.counters.allocate()
-            pid = os.fork()
-            if pid == 0:
-                self._child(body, index, slot)     # never returns
-            self.children[pid] = Child(pid, body["owner"], slot)
-            pids.append(pid)
+        try:
+            for index in range(int(body["count"])):
+                slot = self.counters.allocate()
+                pid = os.fork()
+                if pid == 0:
+                    self._child(body, index, slot)     # never returns
+                self.children[pid] = Child(pid, body["owner"], slot)
+                pids.append(pid)
+        except BaseException:        # all of a request or none: nobody would track the rest
+            self.kill(pids, signal.SIGKILL)
+            raise
         return pids
 
     def _child(self, body, index, slot):

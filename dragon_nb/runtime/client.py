@@ -176,9 +176,11 @@ class Runtime:
     def spawn(self, entry: str, spec: bytes, count: int, owner: str,
               nodes=None, timeout: float | None = None) -> list[tuple]:
         """Start ``count`` processes running ``entry(spec, ctx)``; -> [(node, pid)]."""
+        timeout = self.timeout if timeout is None else timeout
+        # the head gives up a little before we do, and kills what was started meanwhile
         reply = self.request("spawn", entry=entry, spec=spec, count=count, owner=owner,
                              nodes=list(nodes) if nodes is not None else None,
-                             timeout=timeout)
+                             within=max(0.1, timeout - 0.5), timeout=timeout)
         return [tuple(p) for p in reply["procs"]]
 
     def kill(self, procs, sig: int = signal.SIGTERM) -> None:

@@ -38,6 +38,7 @@ _dropped = P.DropLog(log)
 AGENT_POLL_S = 0.1
 SHUTDOWN_GRACE_S = 2.0
 NODE_TIMEOUT_S = 3.0       # an agent on another host silent this long is lost
+SPAWN_TIMEOUT_S = 30.0     # a spawn some node has not answered by then fails whole
 PING_S = 1.0               # how often agents on other hosts hear from the head
 
 
@@ -93,6 +94,7 @@ class Head:
         self.next_node = args.nodes
         self.rids = itertools.count(1)
         self.pending: dict[int, dict] = {}          # head rid -> pending client request
+        self.abandoned: list[int] = []              # failed requests some nodes still answer
         self.ready_waiters: list[tuple] = []
         hosts = [h for h in (args.hosts or "").split(",") if h]
         self.expected_nodes = args.nodes + len(hosts)
@@ -172,6 +174,10 @@ class Head:
                     self.reply(wident, wrid, ok=False, error=why)
                 self.ready_waiters.clear()
         now = time.monotonic()
+        for hrid, pend in list(self.pending.items()):
+            if now > pend["deadline"]:
+                late = ", ".join(f"node {n}" for n in sorted(pend["waiting"]))
+                self.finish(hrid, ok=False, error=f"{late} did not start the processes in time")
         for nid, info in list(self.nodes.items()):
             if not info.get("remote") or not info.get("alive"):
                 continue
@@ -271,7 +277,8 @@ class Head:
         hrid = next(self.rids)
         self.pending[hrid] = {"ident": ident, "rid": body.get("rid"),
                               "owner": body["owner"], "waiting": set(per_node),
-                              "procs": []}
+                              "procs": [], "deadline": time.monotonic() +
+                              float(body.get("within") or SPAWN_TIMEOUT_S)}
         for n, k in per_node.items():
             self.router.send(P.REQ, {"op": "spawn", "rid": hrid, "count": k,
                                      "entry": body["entry"], "owner": body["owner"],
@@ -280,6 +287,11 @@ class Head:
     def on_agent_reply(self, nid, body):
         pend = self.pending.get(body.get("rid"))
         if pend is None:
+            if body.get("rid") in self.abandoned and body.get("pids"):
+                # the request failed elsewhere first: what this node started, nobody wants
+                self.router.send(P.EVT, {"op": "kill", "pids": list(body["pids"]),
+                                         "sig": int(signal.SIGKILL)},
+                                 to=self.nodes[nid]["ident"])
             return
         pend["waiting"].discard(nid)
         if not body.get("ok", True):
@@ -294,9 +306,16 @@ class Head:
         pend = self.pending.pop(hrid)
         if ok:
             self.reply(pend["ident"], pend["rid"], procs=pend["procs"])
-        else:
-            self.reply(pend["ident"], pend["rid"], ok=False, error=error,
-                       procs=pend["procs"])
+            return
+        # all or nothing: what other nodes started for a failed request is killed now,
+        # and whatever they report later too
+        for proc in pend["procs"]:
+            self.procs.pop(proc, None)
+        self.kill(pend["procs"], signal.SIGKILL)
+        if pend["waiting"]:
+            self.abandoned.append(hrid)
+            del self.abandoned[:-256]
+        self.reply(pend["ident"], pend["rid"], ok=False, error=error, procs=[])
 
     def kill(self, procs, sig):
         by_node: dict[int, list] = {}
