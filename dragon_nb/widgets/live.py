@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import threading
+import time
 
 import ipywidgets as W
 from IPython.display import HTML, display
@@ -18,6 +19,7 @@ from dragon_nb.telemetry import TelemetryMonitor
 from dragon_nb.widgets.view import RateMeter, fmt_bytes, node_rows, rows_html
 
 REFRESH_S = 0.25
+LIVE_FOR_S = 600.0        # a dashboard or DDict view stops refreshing after this long
 
 
 def _close_all(widget) -> None:
@@ -85,13 +87,20 @@ class _LiveView:
             self.rows_box.children = [self.lines[n].box for n in sorted(self.lines)]
         return self.lines[node]
 
+    live_for = None           # seconds a view refreshes at most (None: until done())
+
     def _loop(self):
+        began = time.monotonic()
         while not self._stop.wait(REFRESH_S):
             try:
                 self.refresh()
             except Exception:          # a view must never take the kernel down
                 pass
             if self.done():
+                break
+            if self.live_for is not None and time.monotonic() - began > self.live_for:
+                self.title.value += (f" <i>(no longer live after {self.live_for / 60:g} min: "
+                                     f"show it again to follow on)</i>")
                 break
         self.finish()
 
@@ -187,6 +196,8 @@ class CallWidget(_LiveView):
 
 class Dashboard(_LiveView):
     """Every node of the runtime: workers, tasks, rate, CPU, memory, DDict bytes."""
+
+    live_for = LIVE_FOR_S      # a thread and a subscription each: not for ever
 
     def __init__(self, runtime):
         super().__init__(runtime, "dragon-nb runtime")
@@ -301,6 +312,8 @@ class PipelineWidget:
 
 class DDictWidget(_LiveView):
     """A DDict's keys and bytes per node, live from the managers' telemetry."""
+
+    live_for = LIVE_FOR_S
 
     def __init__(self, ddict, name: str = ""):
         self.ddict = ddict
