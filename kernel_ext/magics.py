@@ -80,34 +80,27 @@ class DragonMagics(Magics):
             map FUNC (a name in the notebook) over ITERABLE (a name or an expression)
             on a pool, with live progress; the list is bound to NAME (default: _dragon_map)
         """
-        try:
-            args = parse_argstring(self.dragon, line)
-        except UsageError as e:
-            print(f"UsageError: {e}")
-            return None
+        args = parse_argstring(self.dragon, line)      # a UsageError stops the cell
         for opt in ("nodes", "workers_per_node", "cpus_per_node", "processes", "chunksize",
                     "managers_per_node", "ddict_nodes"):
             value = getattr(args, opt)
             if value is not None and value < 1:
-                print(f"UsageError: --{opt.replace('_', '-')} must be at least 1, not {value}")
-                return None
+                raise UsageError(f"--{opt.replace('_', '-')} must be at least 1, not {value}")
         if args.action in ("start", "stop", "restart", "status", "nodes") and args.rest:
-            print(f"UsageError: %dragon {args.action} takes no arguments, "
-                  f"not {' '.join(args.rest)!r}")
-            return None
+            raise UsageError(f"%dragon {args.action} takes no arguments, "
+                             f"not {' '.join(args.rest)!r}")
         return getattr(self, f"_{args.action}")(args)
 
     # -- runtime -----------------------------------------------------------------
     def _start(self, args):
         if args.dry_run:
             if not args.hosts:
-                print("UsageError: --dry-run shows how agents start on --hosts; none given")
-                return None
+                raise UsageError("--dry-run shows how agents start on --hosts; none given")
             from dragon_nb.runtime import hosts
             try:
                 print(hosts.dry_run(args.hosts.split(","), args.launcher, args.listen))
             except ValueError as e:
-                print(f"UsageError: {e}")
+                raise UsageError(str(e)) from None
             return None
         rt = get_runtime(auto_start=False)
         if rt is not None:
@@ -121,8 +114,7 @@ class DragonMagics(Magics):
             rt = dragon_nb.start(nodes=args.nodes, workers_per_node=args.workers_per_node,
                                  cpus_per_node=args.cpus_per_node, **network)
         except (ValueError, TypeError) as e:
-            print(f"UsageError: {e}")
-            return None
+            raise UsageError(str(e)) from None
         DragonMagics.started_here = True
         print(f"dragon-nb runtime started: {len(rt.nodes())} node(s), {rt.cpu_count()} core(s)")
         if rt.join_command():
@@ -179,33 +171,27 @@ class DragonMagics(Magics):
 
     def _progress(self, args):
         if args.rest not in (["on"], ["off"]):
-            print("UsageError: %dragon progress on|off")
-            return None
+            raise UsageError("%dragon progress on|off")
         PG.enabled = args.rest == ["on"]
         print(f"progress widgets {'on' if PG.enabled else 'off'}")
 
     # -- pool ----------------------------------------------------------------------
     def _map(self, args):
         if len(args.rest) < 2:
-            print("UsageError: %dragon map FUNC ITERABLE [--chunksize N] [-o NAME]")
-            return None
+            raise UsageError("%dragon map FUNC ITERABLE [--chunksize N] [-o NAME]")
         fname, expr = args.rest[0], " ".join(args.rest[1:])
         ns = self.shell.user_ns
         if fname not in ns:
-            print(f"NameError: name {fname!r} is not defined in the notebook")
-            return None
+            raise UsageError(f"name {fname!r} is not defined in the notebook")
         if not callable(ns[fname]):
-            print(f"TypeError: {fname!r} is a {type(ns[fname]).__name__}, not a function")
-            return None
+            raise UsageError(f"{fname!r} is a {type(ns[fname]).__name__}, not a function")
         try:
             iterable = eval(expr, ns)
         except Exception as e:             # NameError, SyntaxError, whatever it raised
-            print(f"{type(e).__name__}: {e}")
-            return None
+            raise UsageError(f"ITERABLE {expr!r}: {type(e).__name__}: {e}") from None
         if not (hasattr(iterable, "__iter__") or hasattr(iterable, "__getitem__")):
-            print(f"TypeError: ITERABLE {expr!r} is a {type(iterable).__name__}, "
-                  f"which cannot be iterated over")
-            return None
+            raise UsageError(f"ITERABLE {expr!r} is a {type(iterable).__name__}, "
+                             f"which cannot be iterated over")
         with dragon_nb.Pool(args.processes) as pool:
             result = pool.map(ns[fname], iterable, args.chunksize,
                               progress=False if args.no_progress else None)
@@ -217,11 +203,10 @@ class DragonMagics(Magics):
     ddicts: dict = {}          # name -> DDict made by %dragon ddict create
 
     def _ddict(self, args):
-        usage = ("UsageError: %dragon ddict create NAME [--managers-per-node M] "
+        usage = ("%dragon ddict create NAME [--managers-per-node M] "
                  "[--ddict-nodes N] [--mem SIZE] | list | show NAME | destroy NAME")
         if not args.rest:
-            print(usage)
-            return None
+            raise UsageError(usage)
         sub, names = args.rest[0], args.rest[1:]
         from dragon_nb.ddict import DDict
         if sub == "list":
@@ -240,25 +225,21 @@ class DragonMagics(Magics):
                     print(f"{name}: unavailable ({e})")
             return None
         if sub not in ("create", "show", "destroy") or len(names) != 1:
-            print(usage)
-            return None
+            raise UsageError(usage)
         name = names[0]
         if sub == "create":
             try:
                 size = parse_size(args.mem)
             except ValueError as e:
-                print(f"UsageError: {e}")
-                return None
+                raise UsageError(str(e)) from None
             if not name.isidentifier():
-                print(f"UsageError: {name!r} is not a valid Python name")
-                return None
+                raise UsageError(f"{name!r} is not a valid Python name")
             rt = get_runtime()
             nodes = args.ddict_nodes or len(rt.nodes())
             try:
                 d = DDict(args.managers_per_node or 1, nodes, size, name=name)
             except ValueError as e:
-                print(f"UsageError: {e}")
-                return None
+                raise UsageError(str(e)) from None
             old = self.ddicts.pop(name, None)
             if old is not None:                  # the name is taken: the old one goes
                 old.destroy()
@@ -270,11 +251,9 @@ class DragonMagics(Magics):
             return None
         d = self.ddicts.get(name) or self.shell.user_ns.get(name)
         if d is None:
-            print(f"NameError: no DDict named {name!r}")
-            return None
+            raise UsageError(f"no DDict named {name!r}")
         if not isinstance(d, DDict):
-            print(f"TypeError: {name!r} is a {type(d).__name__}, not a DDict")
-            return None
+            raise UsageError(f"{name!r} is a {type(d).__name__}, not a DDict")
         if sub == "destroy":
             d.destroy()
             self.ddicts.pop(name, None)
@@ -311,14 +290,12 @@ class DragonMagics(Magics):
             source, stages = parse_pipeline_cell(cell, self.shell.user_ns)
             stages = [stage(f, workers=w, nodes=n) for f, w, n in stages]
         except (UsageError, ValueError, NameError, TypeError) as e:
-            print(f"{type(e).__name__}: {e}\n\n{PIPELINE_HELP}")
-            return None
+            raise UsageError(f"{e}\n\n{PIPELINE_HELP}") from None
         try:
             pipe = Pipeline(source, *stages, ordered=not args.unordered,
                             queue_depth=args.queue_depth)
         except (RuntimeError, ValueError, TypeError) as e:   # a node that is not there, say
-            print(f"{type(e).__name__}: {e}")
-            return None
+            raise UsageError(str(e)) from None
         view = None
         if in_kernel(self.shell):
             from dragon_nb.widgets.live import PipelineWidget

@@ -16,6 +16,7 @@ import time
 
 import psutil
 import pytest
+from IPython.core.error import UsageError
 
 import dragon_nb
 from dragon_nb import (DDict, DDictError, DDictFullError, Pool, PoolBrokenError,
@@ -604,57 +605,57 @@ def test_a_runtime_folder_too_long_for_ipc_sockets_is_refused_saying_what_to_set
 # --- magics with wrong options -----------------------------------------------------------
 
 LINE_MAGICS = {
-    "map sq": "UsageError: %dragon map FUNC ITERABLE",
-    "map sq 5": "TypeError: ITERABLE '5' is a int, which cannot be iterated over",
+    "map sq": "%dragon map FUNC ITERABLE",
+    "map sq 5": "ITERABLE '5' is a int, which cannot be iterated over",
     "map sq range(": "SyntaxError:",
     "map sq nowhere": "NameError: name 'nowhere' is not defined",
-    "map nope range(3)": "NameError: name 'nope' is not defined",
-    "map not_a_function range(3)": "TypeError: 'not_a_function' is a list, not a function",
-    "map sq range(3) --chunksize 0": "UsageError: --chunksize must be at least 1",
-    "map sq range(3) --processes x": "UsageError: argument --processes: invalid int value",
-    "start --nodes x": "UsageError: argument --nodes: invalid int value",
-    "start --nodes 0": "UsageError: --nodes must be at least 1",
-    "start --bogus": "UsageError: unrecognized arguments: --bogus",
-    "nodes extra": "UsageError: %dragon nodes takes no arguments",
-    "bogus": "UsageError: argument action: invalid choice: 'bogus'",
-    "progress maybe": "UsageError: %dragon progress on|off",
-    "ddict": "UsageError: %dragon ddict create NAME",
-    "ddict bogus x": "UsageError: %dragon ddict create NAME",
-    "ddict create 1bad": "UsageError: '1bad' is not a valid Python name",
-    "ddict create x --mem lots": "UsageError: not a size: 'lots'",
-    "ddict create x --mem -5": "UsageError: a size must be positive",
-    "ddict create x --managers-per-node 0": "UsageError: --managers-per-node must be at least 1",
-    "ddict create x --ddict-nodes 3": "UsageError: n_nodes=3",
-    "ddict show nothing_here": "NameError: no DDict named 'nothing_here'",
-    "ddict show not_a_function": "TypeError: 'not_a_function' is a list, not a DDict",
+    "map nope range(3)": "name 'nope' is not defined",
+    "map not_a_function range(3)": "'not_a_function' is a list, not a function",
+    "map sq range(3) --chunksize 0": "--chunksize must be at least 1",
+    "map sq range(3) --processes x": "argument --processes: invalid int value",
+    "start --nodes x": "argument --nodes: invalid int value",
+    "start --nodes 0": "--nodes must be at least 1",
+    "start --bogus": "unrecognized arguments: --bogus",
+    "nodes extra": "%dragon nodes takes no arguments",
+    "bogus": "argument action: invalid choice: 'bogus'",
+    "progress maybe": "%dragon progress on|off",
+    "ddict": "%dragon ddict create NAME",
+    "ddict bogus x": "%dragon ddict create NAME",
+    "ddict create 1bad": "'1bad' is not a valid Python name",
+    "ddict create x --mem lots": "not a size: 'lots'",
+    "ddict create x --mem -5": "a size must be positive",
+    "ddict create x --managers-per-node 0": "--managers-per-node must be at least 1",
+    "ddict create x --ddict-nodes 3": "n_nodes=3",
+    "ddict show nothing_here": "no DDict named 'nothing_here'",
+    "ddict show not_a_function": "'not_a_function' is a list, not a DDict",
 }
 
 CELL_MAGICS = {
     "no stage": ("pipeline", "source: range(3)\n", "needs a 'source:' line"),
     "workers=0": ("pipeline", "source: range(3)\nstage: sq workers=0\n",
-                  "ValueError: line 2: workers must be at least 1"),
+                  "line 2: workers must be at least 1"),
     "workers=x": ("pipeline", "source: range(3)\nstage: sq workers=x\n",
-                  "ValueError: line 2: workers=N takes a positive integer"),
+                  "line 2: workers=N takes a positive integer"),
     "nodes=a": ("pipeline", "source: range(3)\nstage: sq nodes=a\n",
-                "ValueError: line 2: workers=N takes a positive integer and nodes=A,B"),
+                "line 2: workers=N takes a positive integer and nodes=A,B"),
     "threads=2": ("pipeline", "source: range(3)\nstage: sq threads=2\n",
-                  "ValueError: line 2: expected workers=N or nodes=A,B"),
+                  "line 2: expected workers=N or nodes=A,B"),
     "nodes=7": ("pipeline", "source: range(3)\nstage: sq nodes=7\n",
-                "RuntimeError: no such live node"),
+                "no such live node"),
     "source: 5": ("pipeline", "source: 5\nstage: sq\n",
-                  "TypeError: line 1: the source '5' is a int"),
+                  "line 1: the source '5' is a int"),
     "source: range(": ("pipeline", "source: range(\nstage: sq\n",
-                       "ValueError: line 1: the source 'range(' failed: SyntaxError"),
+                       "line 1: the source 'range(' failed: SyntaxError"),
     "stage: nope": ("pipeline", "source: range(3)\nstage: nope\n",
-                    "NameError: line 2: name 'nope' is not defined"),
+                    "line 2: name 'nope' is not defined"),
     "stage: a list": ("pipeline", "source: range(3)\nstage: not_a_function\n",
-                      "TypeError: line 2: 'not_a_function' is a list, not a function"),
+                      "line 2: 'not_a_function' is a list, not a function"),
     "--queue-depth 0": ("pipeline --queue-depth 0", "source: range(3)\nstage: sq\n",
-                        "UsageError: --queue-depth must be at least 1"),
+                        "--queue-depth must be at least 1"),
     "--bogus": ("pipeline --bogus", "source: range(3)\nstage: sq\n",
-                "UsageError: unrecognized arguments: --bogus"),
+                "unrecognized arguments: --bogus"),
     "not a pipeline": ("stream", "source: range(3)\nstage: sq\n",
-                       "UsageError: argument what: invalid choice: 'stream'"),
+                       "argument what: invalid choice: 'stream'"),
 }
 
 
@@ -669,29 +670,27 @@ def ip():
 
 
 @pytest.mark.parametrize("line", LINE_MAGICS)
-def test_a_line_magic_with_wrong_options_prints_what_is_wrong_and_starts_nothing(
-        runtime, ip, capsys, line):
-    capsys.readouterr()
+def test_a_line_magic_with_wrong_options_stops_the_cell_saying_what_is_wrong_and_starts_nothing(
+        runtime, ip, line):
     ip.user_ns.pop("_dragon_map", None)
     before = our_processes()
-    assert ip.run_line_magic("dragon", line) is None         # printed, not raised
-    out = capsys.readouterr().out
-    assert LINE_MAGICS[line] in out, out
+    with pytest.raises(UsageError) as info:       # IPython shows it and stops "Run all"
+        ip.run_line_magic("dragon", line)
+    assert LINE_MAGICS[line] in str(info.value), info.value
     assert "_dragon_map" not in ip.user_ns
     time.sleep(0.1)
     assert not our_processes() - before
 
 
 @pytest.mark.parametrize("case", CELL_MAGICS)
-def test_a_pipeline_cell_with_wrong_options_prints_what_is_wrong_and_starts_nothing(
-        runtime, ip, capsys, case):
+def test_a_pipeline_cell_with_wrong_options_stops_the_cell_saying_what_is_wrong_and_starts_nothing(
+        runtime, ip, case):
     line, cell, expected = CELL_MAGICS[case]
-    capsys.readouterr()
     ip.user_ns.pop("_dragon_pipeline", None)
     before = our_processes()
-    assert ip.run_cell_magic("dragon", line, cell) is None   # printed, not raised
-    out = capsys.readouterr().out
-    assert expected in out, out
+    with pytest.raises(UsageError) as info:
+        ip.run_cell_magic("dragon", line, cell)
+    assert expected in str(info.value), info.value
     assert "_dragon_pipeline" not in ip.user_ns
     time.sleep(0.1)
     assert not our_processes() - before

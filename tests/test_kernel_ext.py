@@ -2,6 +2,7 @@
 import pytest
 
 IPython = pytest.importorskip("IPython")
+from IPython.core.error import UsageError  # noqa: E402
 from IPython.testing import globalipapp  # noqa: E402
 
 import dragon_nb  # noqa: E402
@@ -32,10 +33,10 @@ def test_dragon_magic_starts_shows_and_stops_the_runtime(ip, name, capsys):
     assert dragon_nb.get_runtime(auto_start=False) is None
 
 
-def test_bad_node_count_is_a_usage_message(ip, capsys):
+def test_bad_node_count_is_a_usage_error(ip, capsys):
     ip.run_line_magic("load_ext", "dragon_nb")
-    ip.run_line_magic("dragon", "start --nodes 0")
-    assert "UsageError" in capsys.readouterr().out
+    with pytest.raises(UsageError):
+        ip.run_line_magic("dragon", "start --nodes 0")
     assert dragon_nb.get_runtime(auto_start=False) is None
     ip.run_line_magic("unload_ext", "dragon_nb")
 
@@ -70,10 +71,10 @@ def test_pipeline_cell_magic_runs_the_stages_and_binds_the_results(ip, capsys):
                       "source: items\nstage: inc workers=2\nstage: dbl nodes=0\n")
     assert ip.user_ns["out"] == [2 * (x + 1) for x in range(50)]
     assert "50 results in out" in capsys.readouterr().out
-    ip.run_cell_magic("dragon", "pipeline", "source: items\nstage: nope\n")
-    assert "name 'nope' is not defined" in capsys.readouterr().out
-    ip.run_cell_magic("dragon", "pipeline", "stage: inc\n")
-    assert "needs a 'source:' line" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="name 'nope' is not defined"):
+        ip.run_cell_magic("dragon", "pipeline", "source: items\nstage: nope\n")
+    with pytest.raises(UsageError, match="needs a 'source:' line"):
+        ip.run_cell_magic("dragon", "pipeline", "stage: inc\n")
     dragon_nb.stop()
 
 
@@ -82,10 +83,10 @@ def test_map_magic_binds_the_result_and_names_what_is_missing(ip, capsys):
     ip.run_cell("def sq(x):\n    return x * x")
     ip.run_line_magic("dragon", "map sq range(10) --chunksize 2 -o squares")
     assert ip.user_ns["squares"] == [x * x for x in range(10)]
-    ip.run_line_magic("dragon", "map missing_fn range(3)")
-    assert "name 'missing_fn' is not defined" in capsys.readouterr().out
-    ip.run_line_magic("dragon", "start --bogus")
-    assert "UsageError" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="name 'missing_fn' is not defined"):
+        ip.run_line_magic("dragon", "map missing_fn range(3)")
+    with pytest.raises(UsageError):
+        ip.run_line_magic("dragon", "start --bogus")
     dragon_nb.stop()
 
 
@@ -101,15 +102,15 @@ def test_ddict_magics_create_list_show_and_destroy(ip, capsys):
     ip.run_line_magic("dragon", "ddict show results")
     out = capsys.readouterr().out
     assert "manager 0 on node 0" in out and "manager 1 on node 1" in out
-    ip.run_line_magic("dragon", "ddict show nothing_here")
-    assert "no DDict named 'nothing_here'" in capsys.readouterr().out
-    ip.run_line_magic("dragon", "ddict create big --mem lots")
-    assert "not a size" in capsys.readouterr().out
-    ip.run_line_magic("dragon", "ddict create big --ddict-nodes 3")
-    assert "UsageError" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="no DDict named 'nothing_here'"):
+        ip.run_line_magic("dragon", "ddict show nothing_here")
+    with pytest.raises(UsageError, match='not a size'):
+        ip.run_line_magic("dragon", "ddict create big --mem lots")
+    with pytest.raises(UsageError):
+        ip.run_line_magic("dragon", "ddict create big --ddict-nodes 3")
     ip.run_cell("not_a_ddict = [1, 2]")
-    ip.run_line_magic("dragon", "ddict show not_a_ddict")
-    assert "is a list, not a DDict" in capsys.readouterr().out
+    with pytest.raises(UsageError, match='is a list, not a DDict'):
+        ip.run_line_magic("dragon", "ddict show not_a_ddict")
     ip.run_line_magic("dragon", "ddict create results --mem 8MiB")
     assert "previous DDict 'results' was destroyed" in capsys.readouterr().out
     ip.run_line_magic("dragon", "ddict destroy results")
