@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import re
+
 
 import dragon_nb
 from dragon_nb.machine import node_table
@@ -80,7 +82,8 @@ class DragonMagics(Magics):
             map FUNC (a name in the notebook) over ITERABLE (a name or an expression)
             on a pool, with live progress; the list is bound to NAME (default: _dragon_map)
         """
-        args = parse_argstring(self.dragon, line)      # a UsageError stops the cell
+        # a "# comment" after the magic is the user's, not an argument
+        args = parse_argstring(self.dragon, re.sub(r"\s+#[^'\"]*$", "", line))
         for opt in ("nodes", "workers_per_node", "cpus_per_node", "processes", "chunksize",
                     "managers_per_node", "ddict_nodes"):
             value = getattr(args, opt)
@@ -140,9 +143,15 @@ class DragonMagics(Magics):
     def _restart(self, args):
         old = get_runtime(auto_start=False)
         nodes = args.nodes or (old.n_nodes if old else None)
+        network = {}                       # the same hosts as before, unless told otherwise
+        hosts = args.hosts or (",".join(old.hosts) if old is not None and old.hosts else None)
+        listen = args.listen or (old.listen if old is not None else None)
+        if hosts or listen:
+            launcher = args.launcher if args.hosts or old is None else old.launcher
+            network = {"hosts": hosts, "listen": listen, "launcher": launcher}
         dragon_nb.stop()
         rt = dragon_nb.start(nodes=nodes, workers_per_node=args.workers_per_node,
-                             cpus_per_node=args.cpus_per_node)
+                             cpus_per_node=args.cpus_per_node, **network)
         DragonMagics.started_here = True
         print(f"dragon-nb runtime restarted: {len(rt.nodes())} node(s)")
 

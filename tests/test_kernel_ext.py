@@ -116,3 +116,15 @@ def test_ddict_magics_create_list_show_and_destroy(ip, capsys):
     ip.run_line_magic("dragon", "ddict destroy results")
     assert "destroyed" in capsys.readouterr().out
     dragon_nb.stop()
+
+
+def test_a_comment_after_a_magic_is_ignored_and_restart_keeps_the_network(ip, capsys):
+    ip.run_line_magic("load_ext", "dragon_nb")
+    ip.run_line_magic("dragon", "start --nodes 1 --listen 127.0.0.1   # for the other hosts")
+    first = dragon_nb.get_runtime(auto_start=False)
+    assert first.tcp_address.startswith("tcp://127.0.0.1:")
+    assert "other hosts join with: dragon-nb agent --connect" in capsys.readouterr().out
+    ip.run_line_magic("dragon", "restart")
+    second = dragon_nb.get_runtime(auto_start=False)
+    assert second is not first and second.tcp_address.startswith("tcp://127.0.0.1:")
+    dragon_nb.stop()

@@ -82,6 +82,7 @@ class Runtime:
             hosts_mod.launch_commands(hosts, launcher, "tcp://HEAD:PORT", "FILE")  # checks
             host = network.resolve_interface(listen, hosts)
         self.n_nodes = nodes
+        self.hosts, self.listen, self.launcher = hosts, listen, launcher   # for a restart
         self.workers_per_node = workers_per_node
         self.timeout = timeout
         self.pid = os.getpid()
