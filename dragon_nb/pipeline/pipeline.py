@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from dragon_nb.checks import is_int, node_ids, positive_int
 from dragon_nb.runtime.client import (Runtime, drain_events, exit_reason, get_runtime,
                                       register_entry_module, zmq_context)
 from dragon_nb.runtime.launch import caller_environment
@@ -53,26 +54,7 @@ def stage(func, workers: int = 1, nodes=None) -> Stage:
         raise TypeError(f"a stage needs a callable, not {func!r}")
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, not {workers!r}")
-    return Stage(func, workers, _node_ids(nodes), getattr(func, "__qualname__", repr(func)))
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _node_ids(nodes):
-    """``nodes=``: None, or node ids (ints) -> a list; anything else a TypeError."""
-    if nodes is None:
-        return None
-    if isinstance(nodes, (str, bytes)) or not hasattr(nodes, "__iter__"):
-        raise TypeError(f"nodes must be a list of node ids (ints), not {nodes!r}")
-    nodes = list(nodes)
-    bad = [n for n in nodes if not _is_int(n)]
-    if bad:
-        raise TypeError(f"nodes must be a list of node ids (ints); {bad[0]!r} is not one")
-    if not nodes:
-        raise ValueError("nodes must name at least one node id")
-    return nodes
+    return Stage(func, workers, node_ids(nodes), getattr(func, "__qualname__", repr(func)))
 
 
 @dataclass
@@ -88,12 +70,9 @@ def on_node(gen_func, *args, node: int | None = None, batch: int = 16) -> NodeSo
     """A source run on a node: ``gen_func(*args)`` is iterated there, not in the caller."""
     if not callable(gen_func):
         raise TypeError(f"on_node needs a generator function, not {gen_func!r}")
-    if node is not None and not _is_int(node):
+    if node is not None and not is_int(node):
         raise TypeError(f"node must be a node id (int) or None, not {node!r}")
-    if not _is_int(batch):
-        raise TypeError(f"batch must be a positive integer, not {batch!r}")
-    if batch < 1:
-        raise ValueError(f"batch must be a positive integer, not {batch!r}")
+    batch = positive_int("batch", batch)
     return NodeSource(gen_func, args, node, batch, getattr(gen_func, "__qualname__", "source"))
 
 
@@ -132,10 +111,7 @@ class Pipeline:
                             f"stored in, not {into!r}")
         if key is not None and not callable(key):
             raise TypeError(f"key must be a function key(position, value), not {key!r}")
-        if not _is_int(queue_depth):
-            raise TypeError(f"queue_depth must be a positive integer, not {queue_depth!r}")
-        if queue_depth < 1:
-            raise ValueError(f"queue_depth must be a positive integer, not {queue_depth!r}")
+        queue_depth = positive_int("queue_depth", queue_depth)
         if runtime is not None and not isinstance(runtime, Runtime):
             raise TypeError(f"runtime must be a dragon_nb.Runtime or None, not {runtime!r}")
         self.runtime = runtime or get_runtime()

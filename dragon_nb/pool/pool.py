@@ -14,6 +14,7 @@ import warnings
 import weakref
 from multiprocessing.pool import CLOSE, INIT, RUN, TERMINATE
 
+from dragon_nb.checks import is_int, node_ids
 from dragon_nb.pool import progress as PG
 from dragon_nb.pool import results as R
 from dragon_nb.pool.dispatcher import Dispatcher, Job
@@ -97,19 +98,19 @@ class Pool:
                  maxtasksperchild=None, context=None, *, nodes=None, task_retries=1,
                  runtime=None):
         self._state = INIT
-        if not _is_int(task_retries):
+        if not is_int(task_retries):
             raise TypeError(f"task_retries must be an int >= 0, not {task_retries!r}")
         task_retries = operator.index(task_retries)
         if task_retries < 0:
             raise ValueError(f"task_retries must be an int >= 0, not {task_retries!r}")
         if processes is not None:
-            if not _is_int(processes):
+            if not is_int(processes):
                 raise TypeError(f"processes must be a positive int or None, not {processes!r}")
             processes = operator.index(processes)
             if processes < 1:
                 raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None:
-            if not _is_int(maxtasksperchild) or maxtasksperchild <= 0:
+            if not is_int(maxtasksperchild) or maxtasksperchild <= 0:
                 raise ValueError("maxtasksperchild must be a positive int or None")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
@@ -118,7 +119,7 @@ class Pool:
         except TypeError:
             raise TypeError(f"initargs must be a tuple of arguments for the initializer, "
                             f"not {initargs!r}") from None
-        nodes = _node_ids(nodes)
+        nodes = node_ids(nodes)
         if runtime is not None and not isinstance(runtime, Runtime):
             raise TypeError(f"runtime must be a dragon_nb.Runtime or None, not {runtime!r}")
         init_blob = None
@@ -309,27 +310,6 @@ class Pool:
         if getattr(self, "_state", None) == RUN:
             _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
                   source=self)
-
-
-def _is_int(value) -> bool:
-    """An int (or a numpy integer), not a bool."""
-    return hasattr(type(value), "__index__") and not isinstance(value, bool)
-
-
-def _node_ids(nodes):
-    """``nodes=``: None, or node ids (ints) -> a list; anything else a TypeError."""
-    if nodes is None:
-        return None
-    if isinstance(nodes, (str, bytes)) or not hasattr(nodes, "__iter__"):
-        raise TypeError(f"nodes must be a list of node ids (ints), not {nodes!r}")
-    nodes = list(nodes)
-    bad = [n for n in nodes if not _is_int(n)]
-    if bad:
-        raise TypeError(f"nodes must be a list of node ids (ints); {bad[0]!r} is not one")
-    nodes = [operator.index(n) for n in nodes]
-    if not nodes:
-        raise ValueError("nodes must name at least one node id")
-    return nodes
 
 
 def _name(func) -> str:

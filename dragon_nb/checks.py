@@ -1,0 +1,35 @@
+"""Argument checks shared by the public constructors (Pool, stage, Pipeline, ...),
+so that the same mistake gets the same message wherever it is made."""
+from __future__ import annotations
+
+import operator
+
+
+def is_int(value) -> bool:
+    """An int (or a numpy integer), not a bool."""
+    return hasattr(type(value), "__index__") and not isinstance(value, bool)
+
+
+def node_ids(nodes):
+    """``nodes=``: None, or node ids (ints) -> a list; anything else a TypeError."""
+    if nodes is None:
+        return None
+    if isinstance(nodes, (str, bytes)) or not hasattr(nodes, "__iter__"):
+        raise TypeError(f"nodes must be a list of node ids (ints), not {nodes!r}")
+    nodes = list(nodes)
+    bad = [n for n in nodes if not is_int(n)]
+    if bad:
+        raise TypeError(f"nodes must be a list of node ids (ints); {bad[0]!r} is not one")
+    nodes = [operator.index(n) for n in nodes]
+    if not nodes:
+        raise ValueError("nodes must name at least one node id")
+    return nodes
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1, or a TypeError/ValueError naming ``name``."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be a positive integer, not {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    return operator.index(value)
