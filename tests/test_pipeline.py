@@ -116,18 +116,53 @@ def test_a_source_that_raises_ends_the_pipeline_with_that_error(runtime):
     assert got == list(range(1, 26))
 
 
-def test_a_killed_stage_worker_fails_the_pipeline_naming_stage_and_node(runtime):
-    pipe = Pipeline(itertools.count(), stage(inc), stage(slow_double, workers=2))
+@pytest.mark.parametrize("stage_index, workers", [(1, 2), (0, 1)])
+def test_a_killed_stage_worker_is_replaced_and_what_it_held_runs_again(
+        runtime, stage_index, workers):
+    stages = [stage(inc, workers=1 if stage_index == 0 else 1),
+              stage(slow_double, workers=workers if stage_index == 1 else 1)]
+    with Pipeline(range(600), *stages) as pipe:
+        got = [next(pipe) for _ in range(20)]
+        _, node, pid = next(p for p in pipe.procs if p[0] == stage_index)
+        os.kill(pid, signal.SIGKILL)
+        got += list(pipe)
+        assert not any(p[2] == pid for p in pipe.procs)          # a new worker in its place
+    assert got == [2 * (x + 1) for x in range(600)]               # each once, in order
+
+
+def test_a_killed_stage_worker_past_task_retries_fails_naming_items_stage_and_node(runtime):
+    pipe = Pipeline(itertools.count(), stage(inc), stage(slow_double, workers=2),
+                    task_retries=0)
     try:
         next(pipe)
         _, node, pid = next(p for p in pipe.procs if p[0] == 1)
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(PipelineError, match=rf"stage 1 \(slow_double\): worker pid {pid} "
-                                                rf"on node {node} was killed"):
+                                                rf"on node {node} was killed by SIGKILL; items "
+                                                rf"\d+ to \d+ were fed in 1 time\(s\) and lost"):
             for _ in pipe:
                 pass
     finally:
         pipe.close()
+
+
+def test_a_killed_stage_worker_stops_a_pipeline_whose_source_runs_on_a_node(runtime):
+    pipe = Pipeline(on_node(numbers_forever), stage(slow_double, workers=2))
+    try:
+        next(pipe)
+        _, node, pid = next(p for p in pipe.procs if p[0] == 0)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(PipelineError, match=rf"stage 0 \(slow_double\): worker pid {pid} "
+                                                rf"on node {node} was killed by SIGKILL; a "
+                                                rf"source run on a node cannot be fed again"):
+            for _ in pipe:
+                pass
+    finally:
+        pipe.close()
+
+
+def numbers_forever():
+    yield from itertools.count()
 
 
 def test_close_stops_every_stage(runtime):

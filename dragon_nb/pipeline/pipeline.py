@@ -13,6 +13,7 @@ Items are batched on the wire, the batch growing with the measured rate.
 """
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from dragon_nb.checks import is_int, node_ids, positive_int
+from dragon_nb.pipeline.ledger import Ledger, TooManyRetries
 from dragon_nb.runtime.client import (Runtime, drain_events, exit_reason, get_runtime,
                                       register_entry_module, zmq_context)
 from dragon_nb.runtime.launch import caller_environment
@@ -32,6 +34,8 @@ register_entry_module("dragon_nb.pipeline.stage_worker")
 
 STAGE_ENTRY = "dragon_nb.pipeline.stage_worker:main"
 SOURCE_ENTRY = "dragon_nb.pipeline.stage_worker:source_main"
+log = logging.getLogger("dragon_nb.pipeline")
+
 MAX_BATCH = 256
 BATCH_TARGET_S = 0.005      # aim for about this much work per batch
 
@@ -93,10 +97,13 @@ class Pipeline:
     keyed by ``key(position, value)`` (default: the position); then iterating
     yields nothing and ``run()`` returns the number of items.
     ``queue_depth``: batches each link may hold.
+    ``task_retries``: a stage worker that dies is replaced and the batches in
+    flight are fed in again, each at most this many times (a source run on a node
+    cannot be fed again: there a dead worker stops the pipeline).
     """
 
     def __init__(self, source, *stages: Stage, ordered: bool = True, into=None, key=None,
-                 queue_depth: int = 4, runtime=None):
+                 queue_depth: int = 4, runtime=None, task_retries: int = 1):
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
         for st in stages:
@@ -112,6 +119,8 @@ class Pipeline:
         if key is not None and not callable(key):
             raise TypeError(f"key must be a function key(position, value), not {key!r}")
         queue_depth = positive_int("queue_depth", queue_depth)
+        if not is_int(task_retries) or task_retries < 0:
+            raise TypeError(f"task_retries must be an int >= 0, not {task_retries!r}")
         if runtime is not None and not isinstance(runtime, Runtime):
             raise TypeError(f"runtime must be a dragon_nb.Runtime or None, not {runtime!r}")
         self.runtime = runtime or get_runtime()
@@ -131,9 +140,13 @@ class Pipeline:
         self.report = net.prepare(ctx.socket(zmq.ROUTER))
         report = net.bind(self.report, f"{self.owner}-rep")
         self.procs: list = []                       # (stage index, node, pid)
+        self.worker_index: dict[tuple, int] = {}    # (node, pid) -> its place in its stage
         self.local_nodes = {n["id"] for n in self.runtime.nodes() if not n.get("remote")}
         env = caller_environment()
         common = {**env, "control": control, "report": report, "hwm": self.hwm}
+        self.ledger = None if isinstance(source, NodeSource) else Ledger(task_retries)
+        self._wake = threading.Event()              # the feeder has something to send again
+        self._rewires: list = []                    # (old, new) input of stage 0, for the feeder
         self.total_batches = None
         self.source_failure = None
         self.items_sent = 0
@@ -144,20 +157,26 @@ class Pipeline:
         # a bound socket can offer items (signed, or dropped) but never take any.
         self.sink = net.prepare(ctx.socket(zmq.PULL))
         self.sink.setsockopt(zmq.RCVHWM, self.hwm)
-        outputs = [net.bind(self.sink, f"{self.owner}-sink")]
+        self.sink_address = net.bind(self.sink, f"{self.owner}-sink")
+        outputs = [self.sink_address]
         self.stage_inputs: dict[int, list] = {}      # stage -> where its workers receive
+        self.stage_specs: dict[int, dict] = {}       # stage -> what its workers are given
+        self.next_index: dict[int, int] = {}         # stage -> the next worker's place
+        self._bound: dict[tuple, str] = {}           # (stage, place) -> its input address
         try:
             for k in reversed(range(len(stages))):
                 st, last = stages[k], k == len(stages) - 1
-                func = S.dumps_function(st.func)
+                self.stage_specs[k] = {
+                    **common, "stage": k, "name": st.name, "func": S.dumps_function(st.func),
+                    "into": S.dumps_inline(into) if (last and into is not None) else None,
+                    "key": S.dumps_inline(key) if (last and key is not None) else None}
+                self.stage_inputs[k] = [None] * st.workers
                 for i in range(st.workers):
-                    spec = {**common, "stage": k, "index": i, "name": st.name, "func": func,
-                            "input": f"{self.owner}-s{k}-{i}", "outputs": outputs,
-                            "into": S.dumps_inline(into) if (last and into is not None) else None,
-                            "key": S.dumps_inline(key) if (last and key is not None) else None}
-                    nodes = [st.nodes[i % len(st.nodes)]] if st.nodes else None
-                    self._spawn(STAGE_ENTRY, spec, k, nodes)
-                outputs = self.stage_inputs[k] = self._inputs(k, st.workers)
+                    self._start_worker(k, i, outputs)
+                self.next_index[k] = st.workers
+                found = self._inputs(k, range(st.workers))
+                outputs = self.stage_inputs[k] = [found[i] for i in range(st.workers)]
+                self._bound.update(((k, i), a) for i, a in found.items())
             if isinstance(source, NodeSource):
                 spec = {**common, "source": S.dumps_inline((source.func, source.args)),
                         "outputs": outputs, "batch": source.batch}
@@ -166,6 +185,7 @@ class Pipeline:
             else:
                 self.source_push = net.prepare(ctx.socket(zmq.PUSH))
                 self.source_push.setsockopt(zmq.SNDHWM, self.hwm)
+                self.source_push.setsockopt(zmq.IMMEDIATE, 1)   # never to a dead worker
                 for addr in outputs:
                     self.source_push.connect(addr)
                 self.feeder = threading.Thread(target=self._feed, args=(iter(source),),
@@ -182,15 +202,25 @@ class Pipeline:
         if self.feeder is not None:
             self.feeder.start()
 
-    def _inputs(self, stage_index: int, count: int) -> list[str]:
-        """Wait for the ``count`` workers of a stage to say where they bound their input."""
+    def _start_worker(self, k: int, index: int, outputs: list, nodes=None):
+        st = self.stages[k]
+        spec = {**self.stage_specs[k], "index": index, "outputs": outputs,
+                "input": f"{self.owner}-s{k}-{index}"}
+        if nodes is None and st.nodes:
+            nodes = [st.nodes[index % len(st.nodes)]]
+        for node, pid in self._spawn(STAGE_ENTRY, spec, k, nodes):
+            self.worker_index[(node, pid)] = index
+
+    def _inputs(self, stage_index: int, indexes, watch_exits: bool = True) -> dict:
+        """Wait for workers of a stage to say where they bound their input -> {index: address}."""
         found: dict[int, str] = {}
+        wanted = set(indexes)
         deadline = time.monotonic() + self.runtime.timeout
-        while len(found) < count:
+        while not wanted <= set(found):
             if time.monotonic() > deadline:
                 raise PipelineError(f"stage {stage_index}'s workers did not start within "
                                     f"{self.runtime.timeout:g} s")
-            if self.exits.poll(0):
+            if watch_exits and self.exits.poll(0):
                 self._on_exit()
             if not self.report.poll(100):
                 continue
@@ -201,22 +231,46 @@ class Pipeline:
                 continue
             if kind == P.BOUND and body.get("stage") == stage_index:
                 found[body["index"]] = body["input"]
-        return [found[i] for i in range(count)]
+        return found
 
-    def _spawn(self, entry, spec, stage_index, nodes):
+    def _live(self, nodes):
+        """A stage's pinned nodes that are still there (None: anywhere)."""
+        if not nodes:
+            return None
+        live = {n["id"] for n in self.runtime.nodes(refresh=True) if n.get("alive", True)}
+        left = [n for n in nodes if n in live]
+        if not left:
+            raise ValueError(f"the stage's nodes {list(nodes)} are all lost")
+        return left
+
+    def _spawn(self, entry, spec, stage_index, nodes) -> list:
         owner = f"{self.owner}.s{stage_index}" if stage_index >= 0 else f"{self.owner}.src"
-        for node, pid in self.runtime.spawn(entry, S.dumps_inline(spec), 1, owner, nodes=nodes):
+        procs = self.runtime.spawn(entry, S.dumps_inline(spec), 1, owner, nodes=nodes)
+        for node, pid in procs:
             self.procs.append((stage_index, node, pid))
+        return procs
 
     # -- the source in the caller --------------------------------------------------
     def _feed(self, it):
+        """The feeder thread: owns ``source_push``; sends the source's batches, and
+        again those the ledger asks for after a stage worker died."""
         seq = start = 0
+        exhausted = False
         try:
             while not self._closed:
+                self._apply_rewires()
+                again = self.ledger.next_resend()
+                if again is not None:
+                    if not self._push(again[1]):
+                        return
+                    continue
+                if exhausted or self.source_failure is not None:
+                    self._wake.wait(0.1)         # done feeding; resends may still come
+                    self._wake.clear()
+                    continue
                 size = max(1, min(MAX_BATCH, int(self._rate * BATCH_TARGET_S)))
                 batch = []
                 began = time.monotonic()
-                exhausted = False
                 try:                 # up to `size` items, but never sit on a slow source's
                     while len(batch) < size:          # items longer than a batch's worth
                         batch.append(next(it))
@@ -231,16 +285,14 @@ class Pipeline:
                     data, bufs = S.dumps_work((batch, {}))
                     frames = self.codec.encode(P.PIPE_ITEMS, {"seq": seq, "start": start},
                                                [data, *bufs])
-                    while not self.source_push.poll(200, zmq.POLLOUT):
-                        if self._closed or not self.runtime.alive:
-                            return
-                    self.source_push.send_multipart(frames, copy=False)
+                    self.ledger.sent(seq, start, len(batch), frames)
+                    if not self._push(frames):
+                        return
                     seq += 1
                     start += len(batch)
                     self.items_sent = start
                 if exhausted or self.source_failure is not None:
                     self.total_batches = seq
-                    return
         except Exception as e:                  # pickling an item failed, say
             from dragon_nb.pipeline.stage_worker import StageFailure
             if not self._closed:
@@ -249,6 +301,24 @@ class Pipeline:
         finally:
             if self._closed:         # close() left the socket to us: we were still using it
                 self.source_push.close(linger=0)
+
+    def _push(self, frames) -> bool:
+        """Send one batch to stage 0, waiting while it is full; False if closed meanwhile."""
+        while not self.source_push.poll(200, zmq.POLLOUT):
+            if self._closed or not self.runtime.alive:
+                return False
+            self._apply_rewires()              # the worker we waited for may have died
+        self.source_push.send_multipart(frames, copy=False)
+        return True
+
+    def _apply_rewires(self):
+        while self._rewires:
+            old, new = self._rewires.pop(0)
+            try:
+                self.source_push.disconnect(old)
+            except zmq.ZMQError:
+                pass
+            self.source_push.connect(new)
 
     # -- results -----------------------------------------------------------------------
     def __iter__(self):
@@ -324,6 +394,8 @@ class Pipeline:
                 kind, body, rest = self.codec.decode(self.sink.recv_multipart(copy=False))
             except P.ProtocolError:
                 return
+            if self.ledger is not None and not self.ledger.arrived(body["seq"]):
+                return                             # sent again, and both copies came out
             values, failures = S.loads(rest[0], rest[1:])
             self._received += 1
             if not self.ordered:
@@ -339,15 +411,50 @@ class Pipeline:
     def _on_exit(self):
         for body in drain_events(self.exits):
             for node, pid, code in body.get("procs", ()):
-                where = next(((k, n) for k, n, p in self.procs if p == pid and n == node), None)
-                if where is None:
+                k = next((k for k, n, p in self.procs if p == pid and n == node), None)
+                if k is None:
                     continue
-                k = where[0]
                 name = "the source" if k < 0 else f"stage {k} ({self.stages[k].name})"
-                self.close()
-                raise PipelineError(
-                    f"{name}: worker pid {pid} on node {node} {exit_reason(code)}; "
-                    f"its in-flight items are lost, so the pipeline stops")
+                what = f"{name}: worker pid {pid} on node {node} {exit_reason(code)}"
+                if k < 0 or self.ledger is None:
+                    self.close()
+                    raise PipelineError(f"{what}; a source run on a node cannot be fed "
+                                        f"again, so the pipeline stops")
+                try:
+                    self._replace(k, node, pid)
+                except PipelineError as e:
+                    self.close()
+                    raise PipelineError(f"{what}; {e}") from None
+
+    def _replace(self, k: int, node: int, pid: int) -> None:
+        """A worker of stage ``k`` died: start another, point stage k-1 (or the
+        feeder) at it, and feed in again every batch that had not come out."""
+        self.procs.remove((k, node, pid))
+        old = self._bound.pop((k, self.worker_index.pop((node, pid))))
+        new_index = self.next_index[k]
+        self.next_index[k] += 1
+        outputs = self.stage_inputs.get(k + 1, [self.sink_address])
+        try:
+            self._start_worker(k, new_index, outputs, nodes=self._live(self.stages[k].nodes))
+            new = self._inputs(k, [new_index], watch_exits=False)[new_index]
+        except (RuntimeError, ValueError) as e:
+            raise PipelineError(f"no replacement could start: {e}") from None
+        self._bound[(k, new_index)] = new
+        self.stage_inputs[k] = [new if a == old else a for a in self.stage_inputs[k]]
+        if k == 0:
+            self._rewires.append((old, new))
+        else:
+            self.control.send_multipart(self.codec.encode(P.EVT, {
+                "op": "rewire", "stage": k, "old": old, "new": new}))
+        try:
+            again = self.ledger.send_again()
+        except TooManyRetries as e:
+            raise PipelineError(
+                f"items {e.start} to {e.start + e.count - 1} were fed in {e.retries + 1} "
+                f"time(s) and lost each time (task_retries={e.retries})") from None
+        log.info("%s: stage %s worker replaced; %d batch(es) fed in again", self.owner, k,
+                 again)
+        self._wake.set()
 
     def run(self) -> int:
         """Drain the pipeline; returns the number of items that went through."""
@@ -386,9 +493,10 @@ class Pipeline:
                 return
             self._closed = True
         try:
-            self.control.send(b"stop")
+            self.control.send_multipart(self.codec.encode(P.EVT, {"op": "stop"}))
         except zmq.ZMQError:
             pass
+        self._wake.set()
         deadline = time.monotonic() + 2.0
         procs = [(n, p) for _, n, p in self.procs]
         local = [(n, p) for n, p in procs if n in self.local_nodes]

@@ -70,8 +70,23 @@ class StageWorker:
         self.counters = ctx.counters
         self.items_in = self.items_out = 0
 
-    def stopped(self, timeout_ms: int = 0) -> bool:
-        return bool(self.control.poll(timeout_ms))
+    def stopped(self) -> bool:
+        """Read the caller's word: stop (True), or connect to a new worker of the next
+        stage in place of one that died (``rewire``)."""
+        while self.control.poll(0):
+            try:
+                _, body, _ = self.codec.decode(self.control.recv_multipart())
+            except P.ProtocolError:
+                continue
+            if not isinstance(body, dict) or body.get("op") == "stop":
+                return True
+            if body.get("op") == "rewire" and body.get("stage") == self.spec["stage"] + 1:
+                try:
+                    self.push.disconnect(body["old"])
+                except zmq.ZMQError:
+                    pass
+                self.push.connect(body["new"])
+        return False
 
     def send(self, frames) -> None:
         """Blocking send downstream (that is the backpressure), but stoppable."""
@@ -124,7 +139,7 @@ class StageWorker:
         try:
             while True:
                 events = dict(poller.poll(1000))
-                if self.control in events:
+                if self.control in events and self.stopped():
                     return 0
                 if self.pull in events:
                     frames = self.pull.recv_multipart(copy=False)
@@ -147,6 +162,7 @@ def _connect_push(zctx, net, spec):
     """Where this process sends: every worker of the next stage (or the caller's sink)."""
     push = net.prepare(zctx.socket(zmq.PUSH))
     push.setsockopt(zmq.SNDHWM, spec["hwm"])
+    push.setsockopt(zmq.IMMEDIATE, 1)        # never queue for a worker that has gone
     for addr in spec["outputs"]:
         push.connect(addr)
     return push
