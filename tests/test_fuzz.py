@@ -95,20 +95,53 @@ def messages(marker: str, seed: int, control: bool):
             yield [b""] * rng.randrange(1, 3) + [rng.randbytes(rng.randrange(1, 1 << 20))]
 
 
-def flood(address: str, sock_type: int, marker: str, seed: int, control: bool) -> int:
+def signed_nonsense(key: bytes, seed: int):
+    """Messages that pass the signature check (a peer holding the key) but make no
+    sense: ill-typed bodies, unknown DDict ops, sizes that lie, and signed messages
+    whose frames were split or merged after signing."""
+    rng = random.Random(seed)
+    codec = P.Codec(key)
+    bodies = [{"op": "register", "node": None, "cpus": "x", "hostname": 5},
+              {"op": "telemetry", "node": [], "owners": 7}, {"op": "exited", "procs": "zz"},
+              {"op": "spawn", "rid": 1, "count": "many"}, {"results": [(1, 2)], "busy": "no"},
+              {"seq": "a", "start": None}, {"jobs": 5}, [], None, 42, {"op": 3}]
+    for _ in range(MESSAGES // 4):
+        r = rng.random()
+        if r < 0.4:
+            yield codec.encode(rng.choice(KINDS), rng.choice(bodies))
+        elif r < 0.7:
+            frames = codec.encode(rng.choice(KINDS), rng.choice(bodies), [b"ab", b"cd"])
+            yield frames[:-2] + [frames[-2] + frames[-1]]      # merged after signing
+        else:
+            head = P.DD_REQUEST.pack(rng.choice([0, 25, 99, P.DD_GET]), 0, 0,
+                                     rng.randrange(0, 3), rng.randrange(0, 2 ** 32),
+                                     rng.randrange(0, 2 ** 32), 0)
+            yield P.sign_frames(key, [head + rng.randbytes(rng.randrange(0, 40))])
+
+
+def flood(address: str, sock_type: int, frames_iter, net=None) -> int:
+    """Send every message of ``frames_iter``; -> how many were handed to zmq. With
+    ``net``, as a peer of the runtime (CurveZMQ done); without, as a stranger, whose
+    handshake never completes (sends that would wait are counted as not sent)."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(sock_type)
     sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.LINGER, 5000)
-    sock.connect(address)
+    sock.setsockopt(zmq.LINGER, 2000)
+    if net is not None:
+        net.connect(sock, address)
+    else:
+        sock.connect(address)
     sent = 0
-    for frames in messages(marker, seed, control):
-        sock.send_multipart(frames)
-        sent += 1
+    for frames in frames_iter:
+        try:
+            sock.send_multipart(frames, flags=0 if net is not None else zmq.NOBLOCK)
+            sent += 1
+        except zmq.Again:
+            pass
         if sock_type == zmq.DEALER and sock.poll(0):      # replies, if any: read, never trusted
             while sock.poll(0):
                 sock.recv_multipart()
-    sock.close()          # lingers until everything is handed over
+    sock.close()          # lingers while what was queued is handed over
     return sent
 
 
@@ -164,15 +197,26 @@ def test_random_and_malformed_messages_crash_nothing_and_unpickle_nothing(runtim
         targets = [(rt.tcp_address if mode == "tcp" else rt.address, zmq.DEALER),
                    (pool._dispatcher.address, zmq.DEALER),
                    (manager[3], zmq.DEALER)]
-        for seed, (address, kind) in enumerate(targets):
-            assert flood(address, kind, marker, seed, control=mode == "tcp") == MESSAGES
-        if mode == "ipc":
-            assert flood_lane(manager[4], 99) == MESSAGES
-        else:
+        pipe = None
+        if mode == "tcp":
             pipe = Pipeline(range(2000), stage(square, workers=2))
             first = [next(pipe) for _ in range(10)]
-            for seed, address in enumerate(pipe.stage_inputs[0]):
-                assert flood(address, zmq.PUSH, marker, 50 + seed, control=True) == MESSAGES
+            targets += [(address, zmq.PUSH) for address in pipe.stage_inputs[0]]
+        for seed, (address, kind) in enumerate(targets):
+            if mode == "ipc":              # a local peer: the same user, no key to hold
+                assert flood(address, kind, messages(marker, seed, False)) == MESSAGES
+                continue
+            # a stranger: not one handshake completes, so nothing reaches the runtime
+            flood(address, kind, messages(marker, seed, True))
+            # a peer that completed CurveZMQ but signs nothing (or signs nonsense):
+            # every unsigned message is dropped before it is read
+            assert flood(address, kind, messages(marker, seed, True), net=rt.network) \
+                == MESSAGES
+            assert flood(address, kind, signed_nonsense(rt.network.key, seed),
+                         net=rt.network) == MESSAGES // 4
+        if mode == "ipc":
+            assert flood_lane(manager[4], 99) == MESSAGES
+        if pipe is not None:
             assert first + list(pipe) == [x * x for x in range(2000)]
         time.sleep(0.5)                     # what was queued is read by now
         still_serves(rt, pool, d)

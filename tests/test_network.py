@@ -73,6 +73,48 @@ def test_a_key_file_that_is_not_one_is_refused(tmp_path):
             network.read_key_file(str(path))
 
 
+@pytest.mark.parametrize("everywhere", ["0.0.0.0", "::", "224.0.0.1"])
+def test_listening_on_every_interface_or_a_group_is_refused(everywhere):
+    with pytest.raises(ValueError, match="is not one interface"):
+        network.resolve_interface(everywhere)
+    with pytest.raises(ValueError, match="is not one interface"):
+        dragon_nb.Runtime(nodes=1, listen=everywhere)
+
+
+@pytest.mark.timeout(60)
+def test_the_key_is_in_no_command_line_environment_or_repr():
+    with dragon_nb.Runtime(nodes=1, listen="127.0.0.1") as rt:
+        key = rt.network.key.hex()
+        head = psutil.Process(rt._proc.pid)
+        for p in [head, *head.children(recursive=True)]:
+            assert key not in " ".join(p.cmdline())
+            assert key not in repr(p.environ())
+        assert key not in repr(rt) and key not in repr(rt.network)
+
+
+@pytest.mark.timeout(60)
+def test_a_stranger_without_the_key_cannot_even_connect():
+    import zmq
+    with dragon_nb.Runtime(nodes=1, listen="127.0.0.1") as rt:
+        from zmq.utils.monitor import recv_monitor_message
+        failed = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        mon = sock.get_monitor_socket(failed | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        sock.connect(rt.tcp_address)
+        sock.send_multipart([b"x" * (1 << 20)] * 4, zmq.NOBLOCK)   # queued, never delivered
+        events = []
+        while mon.poll(5000):
+            events.append(recv_monitor_message(mon)["event"])
+            if events[-1] & failed:
+                break
+        sock.disable_monitor()
+        sock.close()
+        assert events and events[-1] & failed, events           # refused at the handshake
+        assert zmq.EVENT_HANDSHAKE_SUCCEEDED not in events
+        assert len(rt.request("nodes")["nodes"]) == 1          # and the head serves on
+
+
 def test_an_interface_that_does_not_exist_is_named_in_the_error():
     with pytest.raises(ValueError, match="no-such-if0"):
         network.resolve_interface("no-such-if0.invalid")

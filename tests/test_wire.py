@@ -46,3 +46,19 @@ def test_describe_unpicklable_names_the_global():
     g = {"LOCK": threading.Lock()}
     exec("def f(x):\n    with LOCK:\n        return x", g)
     assert "global 'LOCK'" in S.describe_unpicklable(g["f"])
+
+
+def test_frames_split_or_merged_after_signing_no_longer_verify():
+    codec = P.Codec(key=b"k" * 32)
+    frames = codec.encode(P.TASKS, {"tasks": []}, [b"ab", b"cd"])
+    merged = frames[:-2] + [frames[-2] + frames[-1]]
+    moved = frames[:2] + [frames[2] + b"a", b"b", frames[-1]]
+    for bad in (merged, moved):
+        with pytest.raises(P.ProtocolError, match="signature"):
+            codec.decode(bad)
+    raw = P.sign_frames(b"k" * 32, [b"head", b"buf"])
+    assert P.verify_frames(b"k" * 32, raw) == [b"head", b"buf"]
+    with pytest.raises(P.ProtocolError):
+        P.verify_frames(b"k" * 32, [b"headbuf", raw[-1]])
+    with pytest.raises(P.ProtocolError):        # a DDict frame cannot pass for a message
+        codec.decode([P.REQ, raw[-1], b"head", b"buf"])

@@ -81,15 +81,17 @@ class Link:
 
 
 class Connection:
-    def __init__(self, managers, name: str, tombstone: str):
+    def __init__(self, managers, name: str, tombstone: str, net=None):
         self.pid = os.getpid()
         self.name = name
         self.tombstone = tombstone
         self.hostname = socket.gethostname()
         self.lock = threading.Lock()
         self.links = [Link(*m) for m in managers]
-        net = network.current()
-        self.key = net.key if net is not None else None    # signs every frame on TCP
+        # the creator passes its runtime's network; a handle unpickled in a service
+        # process takes that process's
+        self.net = net if net is not None else network.current()
+        self.key = self.net.key if self.net is not None else None   # signs every frame
         self._rid = 0
         self._finalizer = weakref.finalize(self, _close_links, self.links, self.pid)
 
@@ -245,10 +247,10 @@ class Connection:
     # -- zmq ---------------------------------------------------------------------------
     def _new_zsock(self, link: Link) -> zmq.Socket:
         sock = zmq_context().socket(zmq.DEALER)
-        if link.address.startswith("tcp://["):
-            sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.RECONNECT_IVL, 10)
+        if self.net is not None:
+            return self.net.connect(sock, link.address)
         sock.connect(link.address)
         return sock
 
@@ -374,7 +376,7 @@ _connections_pid = None
 _connections_lock = threading.Lock()
 
 
-def connection_for(owner: str, managers, name: str, tombstone: str) -> Connection:
+def connection_for(owner: str, managers, name: str, tombstone: str, net=None) -> Connection:
     global _connections_pid
     with _connections_lock:
         if _connections_pid != os.getpid():
@@ -383,7 +385,7 @@ def connection_for(owner: str, managers, name: str, tombstone: str) -> Connectio
         ref = _connections.get(owner)
         conn = ref() if ref is not None else None
         if conn is None:
-            conn = Connection(managers, name, tombstone)
+            conn = Connection(managers, name, tombstone, net)
             _connections[owner] = weakref.ref(conn)
         return conn
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 import numbers
 import pickle
 import signal
+import time
 import uuid
 
 import psutil
+import zmq
 
 from dragon_nb.ddict import connection as C
 from dragon_nb.ddict.errors import DDictError
-from dragon_nb.runtime import network
-from dragon_nb.runtime.client import Runtime
+from dragon_nb.runtime.client import Runtime, zmq_context
 from dragon_nb.wire import protocol as P
 
 MANAGER_ENTRY = "dragon_nb.ddict.manager:main"
@@ -120,9 +121,10 @@ def start_managers(rt, managers_per_node: int, n_nodes: int, total_mem: int, *,
                 managers.append([pos * managers_per_node + index, n, hostnames[n],
                                  "ipc://" + base, base + ".lane", pid, _start_time(pid)])
         if report is not None:
-            for mid, address in _await_bound(report[0], len(managers), ping_timeout).items():
+            for mid, address in _await_bound(report[0], len(managers), ping_timeout,
+                                             rt.network).items():
                 managers[mid][3], managers[mid][4] = address, ""
-        conn = C.connection_for(owner, managers, name, tombstone)
+        conn = C.connection_for(owner, managers, name, tombstone, rt.network)
         for mid, rep in enumerate(conn.request_many(range(count), P.DD_PING,
                                                     timeout=ping_timeout)):
             if rep.status != P.DDS_OK:
@@ -164,16 +166,13 @@ def _bound_report(rt):
     """On a TCP runtime: (ROUTER, address) the managers report their addresses to."""
     if not rt.network.tcp:
         return None
-    from dragon_nb.runtime.client import zmq_context
-    import zmq
-    sock = rt.network.prepare(zmq_context().socket(zmq.ROUTER))
+    sock = zmq_context().socket(zmq.ROUTER)
     return sock, rt.network.bind(sock, f"ddict-report-{uuid.uuid4().hex[:8]}")
 
 
-def _await_bound(sock, count: int, timeout: float) -> dict:
+def _await_bound(sock, count: int, timeout: float, net) -> dict:
     """-> {manager id: address} from each manager's BOUND message."""
-    import time
-    codec = P.Codec(network.current().key if network.current() else None)
+    codec = P.Codec(net.key)
     found: dict = {}
     deadline = time.monotonic() + timeout
     while len(found) < count:

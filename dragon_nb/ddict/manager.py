@@ -72,12 +72,11 @@ class Manager:
             self.listener.setblocking(False)
             self.epoll.register(self.listener.fileno(), select.EPOLLIN)
         self.zctx = zmq.Context()
-        self.router = net.prepare(self.zctx.socket(zmq.ROUTER))
+        self.router = self.zctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 1000)
         if net.tcp:
             address = net.bind(self.router, os.path.basename(base))
-            report = net.prepare(self.zctx.socket(zmq.DEALER))
-            report.connect(spec["report"])
+            report = net.connect(self.zctx.socket(zmq.DEALER), spec["report"])
             report.send_multipart(net.codec().encode(P.BOUND, {"manager": mid,
                                                                "address": address}))
             report.close(linger=2000)

@@ -133,11 +133,11 @@ class Pipeline:
         self.codec = net.codec()
         self._closed = False
         self._lock = threading.Lock()
-        self.control = net.prepare(ctx.socket(zmq.PUB))
+        self.control = ctx.socket(zmq.PUB)
         control = net.bind(self.control, f"{self.owner}-ctl")
         self.exits = self.runtime.subscribe(P.TOPIC_EXIT + self.owner.encode())
         # workers bind their outputs where they run and say where on the report socket
-        self.report = net.prepare(ctx.socket(zmq.ROUTER))
+        self.report = ctx.socket(zmq.ROUTER)
         report = net.bind(self.report, f"{self.owner}-rep")
         self.procs: list = []                       # (stage index, node, pid)
         self.worker_index: dict[tuple, int] = {}    # (node, pid) -> its place in its stage
@@ -155,7 +155,7 @@ class Pipeline:
         # Built from the sink back to the source: every process binds where it
         # *receives* (a PULL) and connects where it sends, so a peer that reaches
         # a bound socket can offer items (signed, or dropped) but never take any.
-        self.sink = net.prepare(ctx.socket(zmq.PULL))
+        self.sink = ctx.socket(zmq.PULL)
         self.sink.setsockopt(zmq.RCVHWM, self.hwm)
         self.sink_address = net.bind(self.sink, f"{self.owner}-sink")
         outputs = [self.sink_address]
@@ -183,11 +183,11 @@ class Pipeline:
                 self._spawn(SOURCE_ENTRY, spec, -1,
                             [source.node] if source.node is not None else None)
             else:
-                self.source_push = net.prepare(ctx.socket(zmq.PUSH))
+                self.source_push = ctx.socket(zmq.PUSH)
                 self.source_push.setsockopt(zmq.SNDHWM, self.hwm)
                 self.source_push.setsockopt(zmq.IMMEDIATE, 1)   # never to a dead worker
                 for addr in outputs:
-                    self.source_push.connect(addr)
+                    net.connect(self.source_push, addr)
                 self.feeder = threading.Thread(target=self._feed, args=(iter(source),),
                                                name=f"dragon-nb {self.owner} source",
                                                daemon=True)
@@ -318,7 +318,7 @@ class Pipeline:
                 self.source_push.disconnect(old)
             except zmq.ZMQError:
                 pass
-            self.source_push.connect(new)
+            self.runtime.network.connect(self.source_push, new)
 
     # -- results -----------------------------------------------------------------------
     def __iter__(self):

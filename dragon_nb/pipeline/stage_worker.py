@@ -55,15 +55,14 @@ class StageWorker:
         self.zctx = zmq.Context()
         net = ctx.network
         self.codec = net.codec()
-        self.control = net.prepare(self.zctx.socket(zmq.SUB))
+        self.control = self.zctx.socket(zmq.SUB)
         self.control.setsockopt(zmq.SUBSCRIBE, b"")
-        self.control.connect(spec["control"])
+        net.connect(self.control, spec["control"])
         self.push = _connect_push(self.zctx, net, spec)
-        self.pull = net.prepare(self.zctx.socket(zmq.PULL))
+        self.pull = self.zctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, spec["hwm"])
         address = net.bind(self.pull, spec["input"])
-        report = net.prepare(self.zctx.socket(zmq.DEALER))
-        report.connect(spec["report"])
+        report = net.connect(self.zctx.socket(zmq.DEALER), spec["report"])
         report.send_multipart(self.codec.encode(P.BOUND, {
             "stage": spec["stage"], "index": spec["index"], "input": address}))
         report.close(linger=2000)
@@ -85,7 +84,7 @@ class StageWorker:
                     self.push.disconnect(body["old"])
                 except zmq.ZMQError:
                     pass
-                self.push.connect(body["new"])
+                self.ctx.network.connect(self.push, body["new"])
         return False
 
     def send(self, frames) -> None:
@@ -147,7 +146,7 @@ class StageWorker:
                         kind, body, rest = self.codec.decode(frames)
                     except P.ProtocolError:
                         continue
-                    if kind != P.PIPE_ITEMS or not rest:
+                    if kind != P.PIPE_ITEMS or not rest or not _is_batch(body):
                         continue
                     self.send(self.process(body, rest[0], rest[1:]))
         except _Stop:
@@ -158,13 +157,19 @@ class StageWorker:
             self.zctx.term()
 
 
+def _is_batch(body) -> bool:
+    """A batch header as the caller writes it: {"seq": int, "start": int}."""
+    return isinstance(body, dict) and isinstance(body.get("seq"), int) and \
+        isinstance(body.get("start"), int)
+
+
 def _connect_push(zctx, net, spec):
     """Where this process sends: every worker of the next stage (or the caller's sink)."""
-    push = net.prepare(zctx.socket(zmq.PUSH))
+    push = zctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, spec["hwm"])
     push.setsockopt(zmq.IMMEDIATE, 1)        # never queue for a worker that has gone
     for addr in spec["outputs"]:
-        push.connect(addr)
+        net.connect(push, addr)
     return push
 
 
@@ -182,11 +187,10 @@ def source_main(spec_bytes: bytes, ctx) -> int:
     zctx = zmq.Context()
     net = ctx.network
     push = _connect_push(zctx, net, spec)
-    report = net.prepare(zctx.socket(zmq.DEALER))
-    report.connect(spec["report"])
-    control = net.prepare(zctx.socket(zmq.SUB))
+    report = net.connect(zctx.socket(zmq.DEALER), spec["report"])
+    control = zctx.socket(zmq.SUB)
     control.setsockopt(zmq.SUBSCRIBE, b"")
-    control.connect(spec["control"])
+    net.connect(control, spec["control"])
     codec = net.codec()
     batch, seq, count, error = [], 0, 0, None
     size = spec["batch"]

@@ -162,7 +162,7 @@ class Dispatcher:
         self.local_nodes = {n["id"] for n in runtime.nodes() if not n.get("remote")}
         ctx = zmq_context()
         net = runtime.network
-        self.router = P.Channel(net.prepare(ctx.socket(zmq.ROUTER)), net.codec(), routed=True)
+        self.router = P.Channel(ctx.socket(zmq.ROUTER), net.codec(), routed=True)
         self.address = net.bind(self.router.sock, self.owner)
         self.sub = runtime.subscribe(P.TOPIC_EXIT + self.owner.encode())
         self.wake_r, self.wake_w = os.pipe()

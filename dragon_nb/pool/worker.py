@@ -122,10 +122,10 @@ class Worker:
         self.wid = f"w{ctx.node}-{os.getpid()}".encode()
         self.zctx = zmq.Context()
         net = ctx.network
-        sock = net.prepare(self.zctx.socket(zmq.DEALER))
+        sock = self.zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.wid)
         sock.setsockopt(zmq.LINGER, 2000)
-        sock.connect(spec["address"])
+        net.connect(sock, spec["address"])
         self.chan = P.Channel(sock, net.codec())
         self.queue: collections.deque = collections.deque()
         self.funcs: collections.OrderedDict = collections.OrderedDict()

@@ -87,11 +87,11 @@ class Agent:
         signal.set_wakeup_fd(self.sig_w)
         signal.signal(signal.SIGCHLD, lambda *a: None)
         self.ctx = zmq.Context()
-        self.chan = P.Channel(net.prepare(self.ctx.socket(zmq.DEALER)), net.codec())
+        self.chan = P.Channel(self.ctx.socket(zmq.DEALER), net.codec())
         ident = f"agent-{self.node}" if not self.joining else \
             f"agent-{self.hostname}-{self.pid}-{os.urandom(4).hex()}"
         self.chan.sock.setsockopt(zmq.IDENTITY, ident.encode())
-        self.chan.sock.connect(args.head)
+        net.connect(self.chan.sock, args.head)
         self.heard = time.monotonic()
         self.self_ps = psutil.Process()
 
@@ -267,7 +267,12 @@ class Agent:
                          f"or an address this host cannot reach")
 
     def run(self):
-        self.join()
+        try:
+            self.join()
+        except SystemExit:       # never welcomed: what we queued will never go anywhere
+            self.chan.close(linger=0)
+            self.ctx.term()
+            raise
         if self.joining:          # a host taken away (SIGTERM) leaves the runtime cleanly
             signal.signal(signal.SIGTERM, lambda *a: setattr(self, "running", False))
         poller = zmq.Poller()

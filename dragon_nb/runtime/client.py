@@ -110,7 +110,7 @@ class Runtime:
                 "--preload", ",".join(ENTRY_MODULES), *net_args])
             self.address = f"ipc://{self.rundir}/head"
             self._chan = P.Channel(zmq_context().socket(zmq.DEALER), self.network.codec())
-            self._chan.sock.connect(self.address)
+            self.network.connect(self._chan.sock, self.address)
             reply = self.request("ready", timeout=timeout + 10.0 * bool(hosts))
         except BaseException:
             self._abort()
@@ -194,7 +194,7 @@ class Runtime:
         _event_codecs[sock] = self.network.codec()
         for t in topics:
             sock.setsockopt(zmq.SUBSCRIBE, t)
-        sock.connect(self.events_address)
+        self.network.connect(sock, self.events_address)
         return sock
 
     # -- lifecycle ------------------------------------------------------------------

@@ -72,23 +72,23 @@ class Head:
         key = network.read_key_file(args.key_file)[0] if args.key_file else None
         self.net = network.Network(self.rundir, args.listen, key)
         self.codec = self.net.codec()
-        self.router = P.Channel(self.net.prepare(self.ctx.socket(zmq.ROUTER)), self.codec,
+        self.router = P.Channel(self.net.serve(self.ctx.socket(zmq.ROUTER)), self.codec,
                                 routed=True)
         self.router.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.address = f"ipc://{self.rundir}/head"      # this host's processes
         self.router.sock.bind(self.address)
-        self.pub = P.Channel(self.net.prepare(self.ctx.socket(zmq.PUB)), self.codec)
+        self.pub = P.Channel(self.net.serve(self.ctx.socket(zmq.PUB)), self.codec)
         self.events_address = f"ipc://{self.rundir}/events"
         self.pub.sock.bind(self.events_address)
-        self.tcp_address = self.tcp_events = None       # other hosts' processes
+        # other hosts' agents reach the ROUTER; the event stream stays on this host
+        self.tcp_address = None
+        self.shared_key_file = None        # a copy for srun agents, removed at the end
         if self.net.tcp:
             self.tcp_address = self._bind_tcp(self.router.sock, args.port)
-            self.tcp_events = self.net.bind(self.pub.sock, "events")
-            network.write_connection_file(args.key_file, key, head=self.tcp_address,
-                                          events=self.tcp_events)
+            network.write_connection_file(args.key_file, key, head=self.tcp_address)
         self.nodes: dict[int, dict] = {}           # node id -> info (+ "ident", "alive")
         self.agents: dict[int, tuple] = {}         # node id -> (Popen, lifeline wfd)
-        self.launched: list[tuple] = []            # (host, Popen, stdin) of launchers
+        self.launched: list[tuple] = []            # (host, Popen) of launchers
         self.procs: dict[tuple, str] = {}          # (node, pid) -> owner
         self.ident_to_node: dict[bytes, int] = {}
         self.next_node = args.nodes
@@ -330,7 +330,7 @@ class Head:
     # -- agent events --------------------------------------------------------
     def ready_body(self) -> dict:
         return {"nodes": self.public_nodes(), "events": self.events_address,
-                "tcp_address": self.tcp_address, "tcp_events": self.tcp_events}
+                "tcp_address": self.tcp_address}
 
     def register(self, ident, body):
         """An agent says hello: one this head started, or one joining from another host."""
@@ -460,7 +460,7 @@ class Head:
         reply = getattr(self, "shutdown_reply", None)
         if reply is not None:
             self.reply(*reply)
-        if getattr(self, "shared_key_file", None):
+        if self.shared_key_file:
             try:
                 os.unlink(self.shared_key_file)
             except OSError:

@@ -3,26 +3,35 @@
 A runtime on one host (the default) puts every endpoint in its private 0700
 directory as an ``ipc://`` socket and signs nothing: the directory's
 permissions are the authentication. A runtime that other hosts may join binds
-TCP on one named interface and signs every message with a per-runtime key
-(HMAC-SHA256, as Jupyter does) kept in a 0600 *connection file*; a message that
-fails the check is dropped before anything in it is unpickled.
+TCP on one named interface, with a per-runtime key kept in a 0600 *connection
+file*, used twice:
+
+* CurveZMQ on every socket: servers hold a key pair derived from the runtime
+  key, so only a peer that holds the key can finish a handshake (nothing a
+  stranger sends is even buffered), and everything on the wire is encrypted;
+* an HMAC-SHA256 in every message (as Jupyter does), checked before anything
+  in it is unpickled: a second lock, and the one that holds on ipc endpoints
+  of the same runtime too.
 
 Every process of a runtime has one ``Network``: the client builds it, the head
 and agents get it on their command line (the key through a file, never argv),
 and service processes inherit their agent's through ``ServiceContext`` and
-``current()``. Features never build addresses themselves: they call
-``bind(sock, name)`` and pass the returned address on.
+``current()``. Features never build addresses or set security options
+themselves: they call ``bind(sock, name)`` and ``connect(sock, address)``.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import json
 import os
 import secrets
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
+import zmq.utils.z85
 
 from dragon_nb.wire import protocol as P
 
@@ -33,7 +42,7 @@ CONNECTION_FILE = "connection.json"
 class Network:
     rundir: str                  # this host's private directory for this runtime
     host: str | None = None      # the address TCP endpoints bind on; None: ipc only
-    key: bytes | None = None     # the per-runtime signing key; None: nothing signed
+    key: bytes | None = field(default=None, repr=False)   # the per-runtime key; None: none
 
     @property
     def tcp(self) -> bool:
@@ -44,29 +53,66 @@ class Network:
 
     def bind(self, sock: zmq.Socket, name: str) -> str:
         """Bind ``sock`` to a fresh endpoint called ``name``; -> its address."""
+        self.serve(sock)
         if self.host is None:
             address = f"ipc://{self.rundir}/{name}"
             sock.bind(address)
             return address
         host = f"[{self.host}]" if ":" in self.host else self.host
-        if ":" in self.host:
-            sock.setsockopt(zmq.IPV6, 1)
         port = sock.bind_to_random_port(f"tcp://{host}")
         return f"tcp://{host}:{port}"
 
-    def prepare(self, sock: zmq.Socket) -> zmq.Socket:
-        """Socket options every connecting socket of this network needs."""
-        if self.host is not None and ":" in self.host:
-            sock.setsockopt(zmq.IPV6, 1)
+    def serve(self, sock: zmq.Socket) -> zmq.Socket:
+        """Options of a socket that binds (call before its first bind)."""
+        self._common(sock)
+        if self.key is not None:
+            sock.curve_server = True
+            sock.curve_secretkey = _server_keys(self.key)[0]
         return sock
 
-    def on_host(self, rundir: str, host: str | None) -> "Network":
-        """The same runtime seen from another host (another directory and address)."""
-        return Network(rundir, host if self.tcp else None, self.key)
+    def connect(self, sock: zmq.Socket, address: str) -> zmq.Socket:
+        """Connect ``sock`` to an endpoint of this runtime, with the options it needs."""
+        self._common(sock)
+        if self.key is not None and not sock.curve_server:
+            public, secret = _client_keys()
+            sock.curve_serverkey = _server_keys(self.key)[1]
+            sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.connect(address)
+        return sock
 
-    def describe(self) -> dict:
-        """What a child process needs to rebuild this (the key stays out: see key files)."""
-        return {"rundir": self.rundir, "host": self.host}
+    def _common(self, sock: zmq.Socket) -> None:
+        if self.host is not None and ":" in self.host:
+            sock.setsockopt(zmq.IPV6, 1)
+        if self.host is not None:        # a connection nobody uses must not die unseen
+            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+            sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+
+
+HEARTBEAT_MS = 1000             # on TCP, peers ping each other this often when idle,
+HEARTBEAT_TIMEOUT_MS = 10_000   # and drop (then redial) a connection silent this long
+
+
+def _server_keys(key: bytes) -> tuple[bytes, bytes]:
+    """The CurveZMQ key pair every server of the runtime uses (z85): derived from the
+    runtime key, so holding the key is what it takes to finish a handshake."""
+    secret = hmac.new(key, b"dragon-nb curve server key", hashlib.sha256).digest()
+    secret_z85 = zmq.utils.z85.encode(secret)
+    return secret_z85, zmq.curve_public(secret_z85)
+
+
+_client_keypair: tuple = (None, None)
+
+
+def _client_keys() -> tuple[bytes, bytes]:
+    """This process's own CurveZMQ key pair as a client (fresh after a fork)."""
+    global _client_keypair
+    pid, pair = _client_keypair
+    if pid != os.getpid():
+        pair = zmq.curve_keypair()
+        _client_keypair = (os.getpid(), pair)
+    return pair
 
 
 _current: Network | None = None
@@ -137,9 +183,10 @@ def resolve_interface(listen: str | None, hosts=()) -> str:
     such as ``eth0``), else the interface that routes to the first host."""
     if listen:
         try:
-            return str(ipaddress.ip_address(listen))
-        except ValueError:
-            pass
+            return _one_interface(str(ipaddress.ip_address(listen)))
+        except ValueError as e:
+            if "is not one interface" in str(e):
+                raise
         import psutil
         addrs = psutil.net_if_addrs().get(listen)
         if addrs:
@@ -147,7 +194,7 @@ def resolve_interface(listen: str | None, hosts=()) -> str:
                 if a.family == socket.AF_INET:
                     return a.address
         try:
-            return socket.gethostbyname(listen)
+            return _one_interface(socket.gethostbyname(listen))
         except OSError:
             raise ValueError(f"--listen {listen!r} is neither an address, an interface "
                              f"of this host nor a resolvable name") from None
@@ -158,3 +205,14 @@ def resolve_interface(listen: str | None, hosts=()) -> str:
             continue
     raise ValueError("name the interface other hosts reach this one on (listen=...): "
                      "no host given to find the route to")
+
+
+def _one_interface(address: str) -> str:
+    """``address``, if it names one interface (not 0.0.0.0, ::, or a multicast group)."""
+    ip = ipaddress.ip_address(address)
+    if ip.is_unspecified or ip.is_multicast:
+        raise ValueError(f"listen={address!r} is not one interface: name the address other "
+                         f"hosts reach this one on (binding every interface is not done "
+                         f"unasked, and not at all by dragon-nb)")
+    return address
+

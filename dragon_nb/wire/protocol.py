@@ -150,18 +150,30 @@ def loads_body(data) -> object:
     return _PlainUnpickler(io.BytesIO(data)).load()
 
 
-def _mac(key: bytes, frames) -> bytes:
-    mac = hmac.new(key, digestmod=hashlib.sha256)
+_FRAME_LEN = struct.Struct("<Q")
+
+
+def _mac(key: bytes, frames, domain: bytes) -> bytes:
+    """HMAC over what the message is (``domain``), how many frames it has and each
+    frame's length and bytes: frames split or merged after signing no longer verify,
+    and a message of one kind cannot pass for another's."""
+    mac = hmac.new(key, domain, digestmod=hashlib.sha256)
+    mac.update(_FRAME_LEN.pack(len(frames)))
     for f in frames:
+        mac.update(_FRAME_LEN.pack(memoryview(f).nbytes))
         mac.update(f)
     return mac.digest()
+
+
+_CODEC_DOMAIN = b"dragon-nb/1 message"
+_RAW_DOMAIN = b"dragon-nb/1 ddict frames"
 
 
 def sign_frames(key: bytes | None, frames: list) -> list:
     """Raw frames (DDict) -> the same plus an HMAC as the last frame, when keyed."""
     if key is None:
         return frames
-    return [*frames, _mac(key, frames)]
+    return [*frames, _mac(key, frames, _RAW_DOMAIN)]
 
 
 def verify_frames(key: bytes | None, frames: list) -> list:
@@ -171,7 +183,8 @@ def verify_frames(key: bytes | None, frames: list) -> list:
     if len(frames) < 2:
         raise ProtocolError("unsigned message")
     *rest, sig = frames
-    if not hmac.compare_digest(_bytes(sig), _mac(key, [memoryview(f) for f in rest])):
+    if not hmac.compare_digest(_bytes(sig), _mac(key, [memoryview(f) for f in rest],
+                                                 _RAW_DOMAIN)):
         raise ProtocolError("bad signature")
     return rest
 
@@ -183,7 +196,7 @@ class Codec:
         self.key = key
 
     def _sign(self, frames) -> bytes:
-        return _mac(self.key, frames)
+        return _mac(self.key, frames, _CODEC_DOMAIN)
 
     def encode(self, kind: bytes, body, buffers=()) -> list:
         frames = [kind, pickle.dumps(body, protocol=PICKLE_PROTOCOL),
