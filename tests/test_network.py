@@ -236,3 +236,18 @@ def test_the_magic_shows_launch_commands_with_dry_run(capsys):
     out = capsys.readouterr().out
     assert out.count("ssh -o BatchMode=yes") == 2 and "--name b" in out
     assert dragon_nb.runtime.get_runtime(auto_start=False) is None
+
+
+def test_the_copy_of_the_key_for_srun_agents_is_0600_and_goes_with_the_runtime(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("DRAGON_NB_SHARED_DIR", str(tmp_path / "shared"))
+    rundir = tmp_path / "dnb-0-abc"
+    rundir.mkdir()
+    conn = network.write_connection_file(str(rundir / "connection.json"), b"k" * 32)
+    copy = hosts.shared_copy(conn)
+    assert copy == hosts.shared_copy_path(str(rundir))
+    assert stat.S_IMODE(os.stat(copy).st_mode) == 0o600
+    assert network.read_key_file(copy)[0] == b"k" * 32
+    from dragon_nb.runtime.client import _finalize
+    _finalize(None, None, str(rundir))          # what runs when a runtime ends, however
+    assert not os.path.exists(copy) and not rundir.exists()

@@ -348,7 +348,10 @@ class Dispatcher:
                 pass
         remote = [(w.node, w.pid) for w in workers if w.node not in self.local_nodes]
         if remote and self.runtime.alive:
-            self.runtime.kill(remote, sig)
+            try:
+                self.runtime.kill(remote, sig, wait=False)
+            except Exception as e:         # the runtime going away: the exits will tell
+                log.info("could not signal workers %s: %r", remote, e)
 
     # -- jobs -------------------------------------------------------------------------
     def _finish(self, job: Job, fail: Exception | None = None, cancelled: bool = False):

@@ -125,7 +125,11 @@ class Agent:
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             for fd in (self.sig_r, self.sig_w, self.lifeline_fd):
-                if fd is not None:
+                if fd == 0:              # stdin was the lifeline: leave fd 0 to /dev/null
+                    devnull = os.open(os.devnull, os.O_RDONLY)
+                    os.dup2(devnull, 0)
+                    os.close(devnull)
+                elif fd is not None:
                     os.close(fd)
             ctx = ServiceContext(node=self.node, hostname=self.hostname, cpus=self.cpus,
                                  physical_mem=self.mem, owner=body["owner"], index=index,
@@ -382,8 +386,15 @@ def main(argv=None, prog: str = "dragon_nb.runtime.agent"):
             else launch.make_runtime_dir()
         host = args.listen
     else:
+        try:
+            host = args.listen or network.route_source(_head_host(args.head))
+            if args.listen:
+                host = network.resolve_interface(args.listen)
+        except (OSError, ValueError) as e:
+            print(f"dragon-nb agent: cannot reach the head at {args.head}: {e}",
+                  file=sys.stderr)
+            return 2
         rundir = launch.make_runtime_dir()
-        host = args.listen or network.route_source(_head_host(args.head))
     net = network.Network(rundir, host if key is not None else None, key)
     network.set_current(net)
     try:

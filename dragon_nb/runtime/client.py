@@ -184,8 +184,22 @@ class Runtime:
                              within=max(0.1, timeout - 0.5), timeout=timeout)
         return [tuple(p) for p in reply["procs"]]
 
-    def kill(self, procs, sig: int = signal.SIGTERM) -> None:
-        self.request("kill", procs=[tuple(p) for p in procs], sig=int(sig))
+    def kill(self, procs, sig: int = signal.SIGTERM, wait: bool = True) -> None:
+        """Signal processes through their agents. ``wait=False`` sends the request and
+        returns (a thread that must not block on the head: the pool's I/O thread)."""
+        procs = [tuple(p) for p in procs]
+        if wait:
+            self.request("kill", procs=procs, sig=int(sig))
+            return
+        if self._closed or os.getpid() != self.pid:
+            return
+        if not self._lock.acquire(timeout=1.0):   # someone waits on the head: not us
+            raise TimeoutError("the runtime handle is busy; the signal was not sent")
+        try:                          # its reply is skipped by the next request's wait
+            self._chan.send(P.REQ, {"op": "kill", "rid": next(self._rids),
+                                    "procs": procs, "sig": int(sig)})
+        finally:
+            self._lock.release()
 
     def subscribe(self, *topics: bytes, context: zmq.Context | None = None) -> zmq.Socket:
         """A SUB socket on the head's event stream (telemetry, exits, nodes);
@@ -304,6 +318,10 @@ def _finalize(proc, lifeline, rundir, timeout: float = 5.0, owner_pid: int | Non
             proc.kill()
             proc.wait(5)
     launch.remove_runtime_dir(rundir)
+    try:                             # a killed head leaves srun's copy of the key behind
+        os.unlink(hosts_mod.shared_copy_path(rundir))
+    except OSError:
+        pass
 
 
 # --- the current runtime --------------------------------------------------------

@@ -40,6 +40,7 @@ SHUTDOWN_GRACE_S = 2.0
 NODE_TIMEOUT_S = 3.0       # an agent on another host silent this long is lost
 SPAWN_TIMEOUT_S = 30.0     # a spawn some node has not answered by then fails whole
 PING_S = 1.0               # how often agents on other hosts hear from the head
+JOIN_GRACE_S = 10.0        # more silence allowed to an agent that has just joined
 
 
 def split_host(nodes: int, cpus_per_node: int | None = None) -> list[dict]:
@@ -146,8 +147,11 @@ class Head:
                 self.expected_nodes -= 1 if host else len(self.hosts)
                 continue
             if key_on_stdin:
-                proc.stdin.write(key.hex().encode() + b"\n")
-                proc.stdin.flush()       # then kept open: the agent's lifeline
+                try:
+                    proc.stdin.write(key.hex().encode() + b"\n")
+                    proc.stdin.flush()       # then kept open: the agent's lifeline
+                except OSError as e:         # it exited at once: check_agents says so
+                    log.error("the launcher for %s took no key: %s", host, e)
             self.launched.append((host, proc))
 
     def check_agents(self):
@@ -357,7 +361,10 @@ class Head:
             self.router.send(P.EVT, {"op": "goodbye", "why": "unknown or lost node"}, to=ident)
             return
         self.ident_to_node[ident] = nid
-        info.update(ident=ident, alive=True, seen=time.monotonic(),
+        # a joining agent imports the entry modules after its welcome (a cold
+        # shared file system may take a while): its silence is counted from then on
+        grace = JOIN_GRACE_S if info.get("remote") else 0.0
+        info.update(ident=ident, alive=True, seen=time.monotonic() + grace,
                     hostname=body.get("hostname", info["hostname"]))
         self.router.send(P.EVT, {"op": "welcome", "node": nid, "preload": self.args.preload,
                                  "telemetry_interval": self.args.telemetry_interval},

@@ -58,13 +58,17 @@ def launch_commands(hosts, launcher: str, head: str, connection_file: str,
                      f"{{command}}, not {launcher!r}")
 
 
+def shared_copy_path(rundir: str) -> str:
+    """Where ``shared_copy`` puts the copy for a runtime (also for removing it)."""
+    folder = os.environ.get("DRAGON_NB_SHARED_DIR") or os.path.expanduser("~/.dragon-nb")
+    return os.path.join(folder, f"{os.path.basename(os.path.abspath(rundir))}.json")
+
+
 def shared_copy(connection_file: str) -> str:
     """A 0600 copy of the connection file in the home directory (shared across a
     Slurm cluster), for agents that cannot get the key on standard input."""
-    folder = os.environ.get("DRAGON_NB_SHARED_DIR") or os.path.expanduser("~/.dragon-nb")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    name = os.path.basename(os.path.dirname(os.path.abspath(connection_file)))
-    path = os.path.join(folder, f"{name}.json")
+    path = shared_copy_path(os.path.dirname(os.path.abspath(connection_file)))
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out, open(connection_file, "rb") as src:
         shutil.copyfileobj(src, out)
