@@ -18,6 +18,7 @@ import uuid
 import psutil
 import zmq
 
+from dragon_nb.checks import node_ids
 from dragon_nb.ddict import connection as C
 from dragon_nb.ddict.errors import DDictError
 from dragon_nb.runtime.client import Runtime, zmq_context
@@ -63,13 +64,7 @@ def check_arguments(name, timeout, nodes, runtime):
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, not {name!r}")
     check_timeout(timeout)
-    if nodes is not None:
-        if isinstance(nodes, (str, bytes)) or not hasattr(nodes, "__iter__"):
-            raise TypeError(f"nodes must be a list of node ids (ints), not {nodes!r}")
-        nodes = list(nodes)
-        bad = [n for n in nodes if not isinstance(n, int) or isinstance(n, bool)]
-        if bad:
-            raise TypeError(f"nodes must be a list of node ids (ints); {bad[0]!r} is not one")
+    nodes = node_ids(nodes)
     if runtime is not None and not isinstance(runtime, Runtime):
         raise TypeError(f"runtime must be a dragon_nb.Runtime or None, not {runtime!r}")
     return nodes

@@ -14,6 +14,7 @@ Items are batched on the wire, the batch growing with the measured rate.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -524,8 +525,8 @@ class Pipeline:
             if s is not None:
                 s.close(linger=0)
 
-    def _is_alive(self, node, pid) -> bool:
-        import os
+    @staticmethod
+    def _is_alive(node, pid) -> bool:
         try:
             os.kill(pid, 0)
             return True
