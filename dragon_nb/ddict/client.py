@@ -38,33 +38,6 @@ MGET_KEYS = 512                   # values fetched per request when iterating
 _MISSING = object()
 
 
-def _check_endpoints(state: dict) -> None:
-    """A serialized DDict may only point at this user's private runtime folders:
-    replies are unpickled, so an address from elsewhere would be code from elsewhere."""
-    import stat as _stat
-    from dragon_nb.runtime import network
-    net = network.current()
-    if net is not None and net.key is not None and \
-            all(str(m[3]).startswith("tcp://") for m in state["managers"]):
-        return            # every reply must carry this runtime's signature to be read
-    paths = [state.get("tombstone") or ""]
-    for m in state["managers"]:
-        address, lane = m[3], m[4]
-        if not str(address).startswith("ipc://"):
-            raise DDictError(f"not a serialized DDict of this host: address {address!r}")
-        paths += [str(address)[len("ipc://"):], str(lane)]
-    for path in paths:
-        folder = os.path.dirname(os.path.abspath(path))
-        ok = os.path.basename(folder).startswith(f"dnb-{os.getuid()}-")
-        try:
-            st = os.stat(folder)
-            ok = ok and st.st_uid == os.getuid() and _stat.S_IMODE(st.st_mode) == 0o700
-        except OSError:
-            ok = False
-        if not ok:
-            raise DDictError(f"not a serialized DDict of this user's runtime: {path!r}")
-
-
 @dataclass
 class DDictManagerStats:
     """One manager's figures (``DDict.stats``); ``pool_utilization`` in percent."""
@@ -158,7 +131,7 @@ class DDict:
                 raise ValueError("missing fields")
         except (ValueError, TypeError, binascii.Error) as e:
             raise DDictError(f"not a serialized DDict: {e}") from None
-        _check_endpoints(state)
+        L.check_endpoints(state)
         L.check_timeout(timeout)
         if timeout is not None:
             state = dict(state, timeout=timeout)

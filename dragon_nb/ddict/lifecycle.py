@@ -10,6 +10,8 @@ fails, the managers already started are killed.
 from __future__ import annotations
 
 import numbers
+import os
+import stat
 import pickle
 import signal
 import time
@@ -21,6 +23,7 @@ import zmq
 from dragon_nb.checks import node_ids
 from dragon_nb.ddict import connection as C
 from dragon_nb.ddict.errors import DDictError
+from dragon_nb.runtime import network
 from dragon_nb.runtime.client import Runtime, zmq_context
 from dragon_nb.wire import protocol as P
 
@@ -189,3 +192,28 @@ def _start_time(pid: int) -> float:
         return psutil.Process(pid).create_time()
     except psutil.Error:
         return 0.0
+
+
+def check_endpoints(state: dict) -> None:
+    """A serialized DDict may only point at this user's private runtime folders:
+    replies are unpickled, so an address from elsewhere would be code from elsewhere."""
+    net = network.current()
+    if net is not None and net.key is not None and \
+            all(str(m[3]).startswith("tcp://") for m in state["managers"]):
+        return            # every reply must carry this runtime's signature to be read
+    paths = [state.get("tombstone") or ""]
+    for m in state["managers"]:
+        address, lane = m[3], m[4]
+        if not str(address).startswith("ipc://"):
+            raise DDictError(f"not a serialized DDict of this host: address {address!r}")
+        paths += [str(address)[len("ipc://"):], str(lane)]
+    for path in paths:
+        folder = os.path.dirname(os.path.abspath(path))
+        ok = os.path.basename(folder).startswith(f"dnb-{os.getuid()}-")
+        try:
+            st = os.stat(folder)
+            ok = ok and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
+        except OSError:
+            ok = False
+        if not ok:
+            raise DDictError(f"not a serialized DDict of this user's runtime: {path!r}")
