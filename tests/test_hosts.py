@@ -113,6 +113,17 @@ def test_pulling_a_hosts_link_down_mid_map_is_survived(hosts, work, env_with_pkg
     assert r["nodes_after"] == ["h1", "h2"]
 
 
+@pytest.mark.timeout(150)
+def test_a_ddict_manager_gone_on_another_host_is_named_at_once_not_timed_out(
+        hosts, work, env_with_pkg):
+    r = scenario(hosts, "ddict_gone", work, env_with_pkg)
+    kind, message, took = r["killed"]
+    assert kind == "DDictError" and "cannot be reached" in message, r
+    assert took < 5 and r["others"] == "on h2"            # the other managers serve on
+    kind, message, took = r["destroyed"]                   # seen from a worker on h2
+    assert kind == "DDictError" and "was destroyed" in message and took < 5, r
+
+
 # -- the seed's examples, with the work spread over the three hosts -------------------
 FILES = {f"part{i:02d}.txt": "".join(f"line {j} of file {i}\n" for j in range(i * 3 + 1))
          for i in range(11)}

@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import psutil
 import zmq
+import zmq.utils.monitor
 
 from dragon_nb.ddict.errors import DDictError, DDictTimeoutError
 from dragon_nb.runtime import network
@@ -51,6 +52,7 @@ SPIN_S = 50e-6
 YIELD_BUSY_S = 10e-6
 LANE_RECV = P.DD_LANE_MAX + 64
 EXIT_WAIT_S = 1.0           # a manager whose lane closed is given this long to be seen dead
+REFUSALS_DEAD = 3           # a lost TCP link to a manager that fails to reconnect this often
 
 
 class Reply(NamedTuple):
@@ -65,7 +67,8 @@ class Link:
     """One manager, as this process reaches it."""
 
     __slots__ = ("mid", "node", "hostname", "address", "lane_path", "pid", "ctime",
-                 "zsock", "zslice", "lane", "lslice", "lane_usable", "zmq_only", "dead")
+                 "zsock", "zslice", "lane", "lslice", "lane_usable", "zmq_only", "dead",
+                 "watch", "connected", "refused")
 
     def __init__(self, mid, node, hostname, address, lane_path, pid, ctime):
         self.mid, self.node, self.hostname = mid, node, hostname
@@ -75,6 +78,9 @@ class Link:
         self.lane_usable = bool(lane_path)       # none across hosts (TCP runtimes)
         self.zmq_only = False
         self.dead: str | None = None     # why it cannot be reached any more
+        self.watch = None                # a TCP link's connection events (monitor socket)
+        self.connected = False
+        self.refused = 0                 # connection attempts failed since the last success
 
     def describe(self) -> str:
         return f"DDict manager {self.mid} (node {self.node}, pid {self.pid})"
@@ -249,6 +255,9 @@ class Connection:
         sock = zmq_context().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.RECONNECT_IVL, 10)
+        if link.address.startswith("tcp://"):   # no pid to look at: watch the connection
+            link.watch = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+                                                 | zmq.EVENT_CONNECT_RETRIED)
         if self.net is not None:
             return self.net.connect(sock, link.address)
         sock.connect(link.address)
@@ -322,7 +331,20 @@ class Connection:
                          f"{P.DD_OP_NAMES.get(op, op)}; it may or may not have happened")
 
     def alive(self, link: Link) -> bool:
-        """Is the manager's process there (True when it cannot be looked at)?"""
+        """Is the manager's process there? On this host, its pid says; on another, its
+        connection: one that was lost and cannot be made again (refused, unreachable)
+        means nobody listens there any more. True when it cannot be told."""
+        if link.watch is not None:
+            while link.watch.poll(0):
+                event = zmq.utils.monitor.recv_monitor_message(link.watch)["event"]
+                if event == zmq.EVENT_CONNECTED:
+                    link.connected, link.refused = True, 0
+                elif event == zmq.EVENT_DISCONNECTED:
+                    link.connected = False
+                elif event == zmq.EVENT_CONNECT_RETRIED and not link.connected:
+                    link.refused += 1
+            if link.refused >= REFUSALS_DEAD:
+                return False
         if link.hostname != self.hostname:
             return True          # no way to look; the deadline decides
         try:
@@ -339,6 +361,10 @@ class Connection:
         if link.dead is None:
             if os.path.exists(self.tombstone):
                 link.dead = f"the DDict {self.name!r} has been destroyed"
+            elif link.watch is not None and link.hostname != self.hostname:
+                link.dead = (f"{link.describe()} cannot be reached: it exited or was killed, "
+                             f"its DDict {self.name!r} was destroyed, or its host is gone; "
+                             f"the keys it held are lost; the other managers keep serving")
             else:
                 link.dead = (f"{link.describe()} is not running (it exited or was killed); "
                              f"the keys it held are lost; the other managers keep serving")
@@ -356,6 +382,13 @@ def _set_timeouts(sock: socket.socket, seconds: float):
 
 
 def _close_link(link: Link, linger=None):
+    if link.watch is not None:
+        try:
+            link.zsock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        link.watch.close(linger=0)
+        link.watch = None
     if link.zsock is not None:
         link.zsock.close(linger=linger)
         link.zsock = link.zslice = None

@@ -5,7 +5,11 @@ each with its own address on a bridge that lives in a namespace of its own
 (nothing is added to the machine's own network), and removes them all on
 ``down()``. ``on(host, argv)`` runs a command there under its own hostname
 (a UTS namespace), so each host reports a name of its own, as real hosts do;
-``launcher`` is the same as a dragon-nb launcher template.
+``launcher`` is the same as a dragon-nb launcher template, and makes the agents'
+hosts more separate still: each also gets a PID namespace of its own (the pids it
+reports mean nothing on the caller's host) and a private, empty runtime folder
+(``$DRAGON_NB_TMPDIR`` or /tmp: nothing of the caller's files is there), as on a
+real other machine.
 """
 from __future__ import annotations
 
@@ -79,8 +83,10 @@ class NamespaceHosts:
     @property
     def launcher(self) -> str:
         """A dragon-nb launcher template that starts agents on these hosts."""
-        return (f"ip netns exec {self.tag}-{{host}} unshare --uts sh -c "
-                f"'hostname \"$0\" && exec \"$@\"' {{host}} {{command}}")
+        return (f"ip netns exec {self.tag}-{{host}} unshare --uts --pid --fork --mount "
+                f"--mount-proc sh -c 'hostname \"$0\" && "
+                f"mount -t tmpfs tmpfs \"${{{{DRAGON_NB_TMPDIR:-/tmp}}}}\" && exec \"$@\"' "
+                f"{{host}} {{command}}")
 
     def __enter__(self):
         return self.up()

@@ -144,6 +144,54 @@ def link_down():
     return {"values_ok": got == [x * x for x in range(300)], "nodes_after": after}
 
 
+def touch_later(args):
+    """In a worker: wait, then read ``key``; -> what happened and how long it took."""
+    d, key, delay = args
+    time.sleep(delay)
+    began = time.monotonic()
+    try:
+        d[key]
+        return ["read", "", 0.0]
+    except Exception as e:
+        return [type(e).__name__, str(e), time.monotonic() - began]
+
+
+def key_held_on(d, hostname):
+    mid = next(m[0] for m in d._managers if m[2] == hostname)
+    return next(("k", i) for i in range(10_000) if d.which_manager(("k", i)) == mid)
+
+
+def ddict_gone():
+    """A DDict manager killed on another host, and a DDict destroyed while a worker on
+    a third host still holds it: named at once, not found by the timeout."""
+    rt = start()
+    hosts = node_hosts()
+    d = DDict(1, len(hosts), 64 << 20)
+    k3, k2 = key_held_on(d, "h3"), key_held_on(d, "h2")
+    d[k3], d[k2] = "on h3", "on h2"
+    manager = next((m[1], m[5]) for m in d._managers if m[2] == "h3")
+    rt.kill([manager], signal.SIGKILL)
+    began = time.monotonic()
+    try:
+        d[k3]
+        killed = ["read", "", 0.0]
+    except Exception as e:
+        killed = [type(e).__name__, str(e), time.monotonic() - began]
+    others = d[k2]
+    d.destroy()
+    d2 = DDict(1, len(hosts), 64 << 20)
+    k3 = key_held_on(d2, "h3")
+    d2[k3] = 1
+    h2 = [nid for nid, name in hosts.items() if name == "h2"]
+    with Pool(1, nodes=h2) as p:
+        later = p.apply_async(touch_later, ((d2, k3, 1.5),))
+        time.sleep(0.5)
+        d2.destroy()
+        destroyed = later.get(60)
+    dragon_nb.stop()
+    return {"killed": killed, "others": others, "destroyed": destroyed}
+
+
 def serve():
     """The seed's example 5 reads a socket: serve it one stream on this host's
     127.0.0.1:9000 (the seed's port), then exit. The payload comes in on stdin."""
