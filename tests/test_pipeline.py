@@ -130,35 +130,31 @@ def test_a_killed_stage_worker_is_replaced_and_what_it_held_runs_again(
     assert got == [2 * (x + 1) for x in range(600)]               # each once, in order
 
 
-def test_a_killed_stage_worker_past_task_retries_fails_naming_items_stage_and_node(runtime):
-    pipe = Pipeline(itertools.count(), stage(inc), stage(slow_double, workers=2),
-                    task_retries=0)
+def kill_a_worker_expecting(pipe, stage_index: int, name: str, outcome: str) -> None:
+    """Kill one worker of ``stage_index`` mid-stream; the pipeline must fail naming the
+    stage, the worker, its node and ``outcome`` (a regex)."""
     try:
         next(pipe)
-        _, node, pid = next(p for p in pipe.procs if p[0] == 1)
+        _, node, pid = next(p for p in pipe.procs if p[0] == stage_index)
         os.kill(pid, signal.SIGKILL)
-        with pytest.raises(PipelineError, match=rf"stage 1 \(slow_double\): worker pid {pid} "
-                                                rf"on node {node} was killed by SIGKILL; items "
-                                                rf"\d+ to \d+ were fed in 1 time\(s\) and lost"):
+        with pytest.raises(PipelineError, match=rf"stage {stage_index} \({name}\): worker pid "
+                                                rf"{pid} on node {node} was killed by SIGKILL; "
+                                                + outcome):
             for _ in pipe:
                 pass
     finally:
         pipe.close()
+
+
+def test_a_killed_stage_worker_past_task_retries_fails_naming_items_stage_and_node(runtime):
+    kill_a_worker_expecting(
+        Pipeline(itertools.count(), stage(inc), stage(slow_double, workers=2), task_retries=0),
+        1, "slow_double", r"items \d+ to \d+ were fed in 1 time\(s\) and lost")
 
 
 def test_a_killed_stage_worker_stops_a_pipeline_whose_source_runs_on_a_node(runtime):
-    pipe = Pipeline(on_node(numbers_forever), stage(slow_double, workers=2))
-    try:
-        next(pipe)
-        _, node, pid = next(p for p in pipe.procs if p[0] == 0)
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises(PipelineError, match=rf"stage 0 \(slow_double\): worker pid {pid} "
-                                                rf"on node {node} was killed by SIGKILL; a "
-                                                rf"source run on a node cannot be fed again"):
-            for _ in pipe:
-                pass
-    finally:
-        pipe.close()
+    kill_a_worker_expecting(Pipeline(on_node(numbers_forever), stage(slow_double, workers=2)),
+                            0, "slow_double", "a source run on a node cannot be fed again")
 
 
 def numbers_forever():
