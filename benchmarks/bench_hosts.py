@@ -69,12 +69,17 @@ def driver(quick: bool) -> dict:
     out = {"cpu_task_us": round((time.perf_counter() - t) / 20 * 1e6),   # as measured here
            "cpu_items": cpu_items, "tiny_items": tiny}
 
+    big = [bytes(1 << 20)] * (16 if quick else 64)     # 1 MiB values, there and back
+    mib = 2 * len(big)
+
     # one host, ipc: the per-task baseline
     with dragon_nb.Runtime(nodes=2) as rt:
         with Pool(2, runtime=rt) as p:
             p.map(noop, range(1000))
             out["one_host_tiny_per_s"] = best_rate(
                 lambda: p.map(noop, range(tiny), chunksize=1), tiny, repeat)
+            out["one_host_mib_per_s"] = best_rate(lambda: p.map(noop, big, chunksize=1),
+                                                  mib, repeat)
 
     dragon_nb.start(nodes=1, hosts=["h2", "h3"], listen=os.environ["DNB_LISTEN"],
                     launcher=os.environ["DNB_LAUNCHER"])
@@ -83,6 +88,8 @@ def driver(quick: bool) -> dict:
         p.map(noop, range(1000))
         out["across_hosts_tiny_per_s"] = best_rate(
             lambda: p.map(noop, range(tiny), chunksize=1), tiny, repeat)
+        out["across_hosts_mib_per_s"] = best_rate(lambda: p.map(noop, big, chunksize=1),
+                                                  mib, repeat)
     curve = {}
     for k, names in ((1, ["h2"]), (2, ["h2", "h3"]), (3, ["h1", "h2", "h3"])):
         with Pool(k, nodes=[ids[n] for n in names]) as p:
@@ -117,6 +124,9 @@ def report(r: dict) -> None:
     print(f"  one host (ipc):             {1e6 / one:.1f} us/task")
     print(f"  across hosts (TCP, signed): {1e6 / across:.1f} us/task   "
           f"{one / across:.2f}x one host's (goal: within 2x)")
+    one, across = r["one_host_mib_per_s"], r["across_hosts_mib_per_s"]
+    print(f"\n1 MiB values to two workers and back: one host {one:,.0f} MiB/s, across "
+          f"hosts (encrypted, signed) {across:,.0f} MiB/s ({across / one:.2f}x)")
 
 
 def main() -> int:
