@@ -114,6 +114,15 @@ def test_pulling_a_hosts_link_down_mid_map_is_survived(hosts, work, env_with_pkg
 
 
 @pytest.mark.timeout(150)
+def test_pool_connections_cut_while_the_host_stays_are_redialled_and_nothing_is_lost(
+        hosts, work, env_with_pkg):
+    r = scenario(hosts, "redial", work, env_with_pkg)
+    assert r["cut"] >= 1, r                  # the connections really were cut
+    assert r["redials"], r                   # and the workers said hello again
+    assert r["values_ok"] and r["nodes_after"] == ["h1", "h2", "h3"], r
+
+
+@pytest.mark.timeout(150)
 def test_a_ddict_manager_gone_on_another_host_is_named_at_once_not_timed_out(
         hosts, work, env_with_pkg):
     r = scenario(hosts, "ddict_gone", work, env_with_pkg)

@@ -327,6 +327,19 @@ class Dispatcher:
             w.outstanding.clear()
         self._repopulate()
 
+    def _requeue(self, w: WorkerState):
+        """Send a live worker's outstanding chunks again (to whoever is free): a TCP
+        connection zmq dropped and redialled loses what was queued on it. Results of
+        the old copies, if they come after all, are ignored (nothing is outstanding)."""
+        for (jid, idx), (job, chunk) in list(w.outstanding.items()):
+            if job.cancelled or job.id not in self.jobs:
+                continue
+            job.pending.appendleft(chunk)
+            if job not in self.ready:
+                self.ready.appendleft(job)
+        log.info("worker %s reconnected: %d chunk(s) sent again", w.pid, len(w.outstanding))
+        w.outstanding.clear()
+
     def _check_liveness(self):
         for w in self.workers.values():
             if w.exit_deadline is None and w.node in self.local_nodes:
@@ -476,6 +489,8 @@ class Dispatcher:
         elif kind == P.OUTPUT:
             self._on_output(w, body)
         elif kind == P.HELLO:
+            if w.connected and isinstance(body, dict) and body.get("again"):
+                self._requeue(w)        # its connection was redialled: what we sent is lost
             w.connected = True
             self.early_deaths.clear()
             if self.stopping:

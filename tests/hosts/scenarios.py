@@ -144,6 +144,32 @@ def link_down():
     return {"values_ok": got == [x * x for x in range(300)], "nodes_after": after}
 
 
+def redial():
+    """The pool's TCP connections to h2's workers cut (as a firewall resetting them
+    would) while the host itself stays: the workers dial again, and the chunks that
+    were on the cut connections are sent again."""
+    import logging
+    redials = []
+    handler = logging.Handler()
+    handler.emit = lambda record: redials.append(record.getMessage())
+    logging.getLogger("dragon_nb.pool").addHandler(handler)
+    logging.getLogger("dragon_nb.pool").setLevel(logging.INFO)
+    start()
+    h2 = [nid for nid, name in node_hosts().items() if name == "h2"]
+    with Pool(2, nodes=h2) as p:
+        port = p._dispatcher.address.rsplit(":", 1)[1]
+        it = p.imap(slow_square, range(200), chunksize=1)
+        got = [next(it) for _ in range(20)]
+        cut = subprocess.run(["ss", "-K", "state", "established", f"( sport = :{port} )"],
+                             capture_output=True, text=True, timeout=20)
+        got += list(it)
+        after = sorted(node_hosts().values())
+    dragon_nb.stop()
+    return {"values_ok": got == [x * x for x in range(200)], "cut": cut.stdout.count(":" + port),
+            "redials": [m for m in redials if "reconnected" in m],
+            "nodes_after": after}
+
+
 def touch_later(args):
     """In a worker: wait, then read ``key``; -> what happened and how long it took."""
     d, key, delay = args
