@@ -21,7 +21,6 @@ import pickle
 import random
 import select
 import socket
-import struct
 import time
 
 import psutil

@@ -1,7 +1,6 @@
 """Live views in a notebook: how long they stay live."""
 from __future__ import annotations
 
-import time
 
 import pytest
 
