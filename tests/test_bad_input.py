@@ -14,10 +14,10 @@ from dragon_nb import DDict, DDictError, DDictFullError, Pool
 from dragon_nb.pipeline import Pipeline, on_node, stage
 from dragon_nb.telemetry import TelemetryMonitor
 
-from conftest import PYTHON, describe, run_checked, short_dirs
+from conftest import describe
 
 from test_faults import (
-    MiB, a_generator, our_processes, put_value, read_key, square)
+    MiB, a_generator, our_processes, put_value, read_key, run_script_checked, square)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -350,10 +350,6 @@ DEAD_HEAD_SCRIPT = textwrap.dedent('''
 
 
 def test_a_runtime_started_after_the_head_died_removes_the_dead_ones_folder(env_with_pkg):
-    with short_dirs("dnb-faults-", "work") as (work, rtdir):
-        script = os.path.join(work, "dead_head.py")
-        with open(script, "w") as f:
-            f.write(DEAD_HEAD_SCRIPT)
-        proc = run_checked([PYTHON, script], work, rtdir, env_with_pkg, timeout=60)
+    proc = run_script_checked(DEAD_HEAD_SCRIPT, env_with_pkg)
     assert proc.returncode == 0, describe(proc)
     assert "dead runtime's folder left: False" in proc.stdout, describe(proc)

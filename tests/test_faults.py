@@ -134,6 +134,16 @@ def node_lost(rt, node: int) -> bool:
     return any(n["id"] == node and not n["alive"] for n in rt.nodes(refresh=True))
 
 
+def run_script_checked(source: str, env):
+    """Run ``source`` as a user's script in a fresh folder; conftest's run_checked then
+    checks that no runtime process or folder of it is left."""
+    with short_dirs("dnb-faults-", "work") as (work, rtdir):
+        script = os.path.join(work, "script.py")
+        with open(script, "w") as f:
+            f.write(source)
+        return run_checked([PYTHON, script], work, rtdir, env, timeout=60)
+
+
 def our_processes() -> set:
     return {p.pid for p in psutil.Process().children(recursive=True)
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
@@ -320,6 +330,14 @@ def _calls_in_flight(rt):
     return p, d, pipe, calls
 
 
+def _end_all(rt, p, d, pipe):
+    """Whatever _calls_in_flight made, ended, then the runtime stopped."""
+    for thing, end in ((p, "terminate"), (pipe, "close"), (d, "destroy")):
+        if thing is not None:
+            getattr(thing, end)()
+    rt.stop()
+
+
 def _check_every_call_failed(calls, since):
     outcomes = {name: call.result(20) for name, call in calls.items()}
     assert isinstance(outcomes["map"], PoolBrokenError), outcomes
@@ -349,10 +367,7 @@ def test_when_the_head_is_killed_every_waiting_call_fails_within_its_timeout_and
         gone, alive = psutil.wait_procs(family, timeout=10)
         assert not alive, [q.cmdline() for q in alive]
     finally:
-        for thing, end in ((p, "terminate"), (pipe, "close"), (d, "destroy")):
-            if thing is not None:
-                getattr(thing, end)()
-        rt.stop()
+        _end_all(rt, p, d, pipe)
     assert not os.path.exists(rt.rundir)
 
 
@@ -371,10 +386,7 @@ def test_stopping_the_runtime_fails_every_waiting_call_within_its_timeout_and_le
         gone, alive = psutil.wait_procs(family, timeout=10)
         assert not alive, [q.cmdline() for q in alive]
     finally:
-        for thing, end in ((p, "terminate"), (pipe, "close"), (d, "destroy")):
-            if thing is not None:
-                getattr(thing, end)()
-        rt.stop()
+        _end_all(rt, p, d, pipe)
 
 
 HEAD_KILLED_SCRIPT = textwrap.dedent('''
@@ -406,11 +418,7 @@ HEAD_KILLED_SCRIPT = textwrap.dedent('''
 
 def test_a_script_whose_head_was_killed_gets_errors_and_exits_leaving_no_process_or_file(
         env_with_pkg):
-    with short_dirs("dnb-faults-", "work") as (work, rtdir):
-        script = os.path.join(work, "head_killed.py")
-        with open(script, "w") as f:
-            f.write(HEAD_KILLED_SCRIPT)
-        proc = run_checked([PYTHON, script], work, rtdir, env_with_pkg, timeout=60)
+    proc = run_script_checked(HEAD_KILLED_SCRIPT, env_with_pkg)
     assert proc.returncode == 0, describe(proc)
     assert "pool: the dragon-nb runtime stopped" in proc.stdout, describe(proc)
     assert "ddict: DDict manager" in proc.stdout and "done" in proc.stdout, describe(proc)
