@@ -160,10 +160,9 @@ class Pipeline:
         self.sink.setsockopt(zmq.RCVHWM, self.hwm)
         self.sink_address = net.bind(self.sink, f"{self.owner}-sink")
         outputs = [self.sink_address]
-        self.stage_inputs: dict[int, list] = {}      # stage -> where its workers receive
         self.stage_specs: dict[int, dict] = {}       # stage -> what its workers are given
         self.next_index: dict[int, int] = {}         # stage -> the next worker's place
-        self._bound: dict[tuple, str] = {}           # (stage, place) -> its input address
+        self._bound: dict[tuple, str] = {}    # (stage, place) -> where that worker receives
         try:
             for k in reversed(range(len(stages))):
                 st, last = stages[k], k == len(stages) - 1
@@ -171,13 +170,12 @@ class Pipeline:
                     **common, "stage": k, "name": st.name, "func": S.dumps_function(st.func),
                     "into": S.dumps_inline(into) if (last and into is not None) else None,
                     "key": S.dumps_inline(key) if (last and key is not None) else None}
-                self.stage_inputs[k] = [None] * st.workers
                 for i in range(st.workers):
                     self._start_worker(k, i, outputs)
                 self.next_index[k] = st.workers
                 found = self._inputs(k, range(st.workers))
-                outputs = self.stage_inputs[k] = [found[i] for i in range(st.workers)]
                 self._bound.update(((k, i), a) for i, a in found.items())
+                outputs = self.stage_inputs[k]
             if isinstance(source, NodeSource):
                 spec = {**common, "source": S.dumps_inline((source.func, source.args)),
                         "outputs": outputs, "batch": source.batch}
@@ -233,6 +231,14 @@ class Pipeline:
             if kind == P.BOUND and body.get("stage") == stage_index:
                 found[body["index"]] = body["input"]
         return found
+
+    @property
+    def stage_inputs(self) -> dict[int, list]:
+        """Stage -> the addresses its live workers receive on."""
+        out: dict[int, list] = {}
+        for (k, _), address in sorted(self._bound.items()):
+            out.setdefault(k, []).append(address)
+        return out
 
     def _live(self, nodes):
         """A stage's pinned nodes that are still there (None: anywhere)."""
@@ -441,7 +447,6 @@ class Pipeline:
         except (RuntimeError, ValueError) as e:
             raise PipelineError(f"no replacement could start: {e}") from None
         self._bound[(k, new_index)] = new
-        self.stage_inputs[k] = [new if a == old else a for a in self.stage_inputs[k]]
         if k == 0:
             self._rewires.append((old, new))
         else:
