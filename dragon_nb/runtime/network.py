@@ -30,6 +30,7 @@ import secrets
 import socket
 from dataclasses import dataclass, field
 
+import psutil
 import zmq
 import zmq.utils.z85
 
@@ -183,11 +184,11 @@ def resolve_interface(listen: str | None, hosts=()) -> str:
     such as ``eth0``), else the interface that routes to the first host."""
     if listen:
         try:
-            return _one_interface(str(ipaddress.ip_address(listen)))
-        except ValueError as e:
-            if "is not one interface" in str(e):
-                raise
-        import psutil
+            address = str(ipaddress.ip_address(listen))
+        except ValueError:
+            address = None                 # an interface or host name
+        if address is not None:
+            return _one_interface(address)
         addrs = psutil.net_if_addrs().get(listen)
         if addrs:
             for a in addrs:
