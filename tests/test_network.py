@@ -250,3 +250,15 @@ def test_the_copy_of_the_key_for_srun_agents_is_0600_and_goes_with_the_runtime(
     from dragon_nb.runtime.client import _finalize
     _finalize(None, None, str(rundir))          # what runs when a runtime ends, however
     assert not os.path.exists(copy) and not rundir.exists()
+
+
+@pytest.mark.timeout(60)
+def test_the_head_takes_the_port_it_is_given():
+    import socket
+    with socket.socket() as s:              # a port free right now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with dragon_nb.Runtime(nodes=1, listen="127.0.0.1", port=port) as rt:
+        assert rt.tcp_address == f"tcp://127.0.0.1:{port}"
+        with dragon_nb.Pool(1, runtime=rt) as p:
+            assert p.map(abs, [-3]) == [3]

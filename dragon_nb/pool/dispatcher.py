@@ -321,9 +321,7 @@ class Dispatcher:
                         f"chunk {idx} (input items from {chunk[4]}) of {job.name}; {tries}"))
                 else:
                     log.info("re-running chunk %s of %s lost with worker %s", idx, job.name, w.pid)
-                    job.pending.appendleft(chunk)
-                    if job not in self.ready:
-                        self.ready.appendleft(job)
+                    self._put_back(job, chunk)
             w.outstanding.clear()
         self._repopulate()
 
@@ -332,13 +330,16 @@ class Dispatcher:
         connection zmq dropped and redialled loses what was queued on it. Results of
         the old copies, if they come after all, are ignored (nothing is outstanding)."""
         for (jid, idx), (job, chunk) in list(w.outstanding.items()):
-            if job.cancelled or job.id not in self.jobs:
-                continue
-            job.pending.appendleft(chunk)
-            if job not in self.ready:
-                self.ready.appendleft(job)
+            if not (job.cancelled or job.id not in self.jobs):
+                self._put_back(job, chunk)
         log.info("worker %s reconnected: %d chunk(s) sent again", w.pid, len(w.outstanding))
         w.outstanding.clear()
+
+    def _put_back(self, job: Job, chunk) -> None:
+        """A chunk sent to a worker that will not answer: first in line again."""
+        job.pending.appendleft(chunk)
+        if job not in self.ready:
+            self.ready.appendleft(job)
 
     def _check_liveness(self):
         for w in self.workers.values():

@@ -85,7 +85,7 @@ class Head:
         self.tcp_address = None
         self.shared_key_file = None        # a copy for srun agents, removed at the end
         if self.net.tcp:
-            self.tcp_address = self._bind_tcp(self.router.sock, args.port)
+            self.tcp_address = self.net.bind(self.router.sock, "head", args.port)
             network.write_connection_file(args.key_file, key, head=self.tcp_address)
         self.nodes: dict[int, dict] = {}           # node id -> info (+ "ident", "alive")
         self.agents: dict[int, tuple] = {}         # node id -> (Popen, lifeline wfd)
@@ -101,13 +101,6 @@ class Head:
         self.expected_nodes = args.nodes + len(hosts)
         self.hosts = hosts
         self.running = True
-
-    def _bind_tcp(self, sock, port: int) -> str:
-        if not port:
-            return self.net.bind(sock, "head")
-        host = f"[{self.net.host}]" if ":" in self.net.host else self.net.host
-        sock.bind(f"tcp://{host}:{port}")
-        return f"tcp://{host}:{port}"
 
     # -- agents -------------------------------------------------------------
     def start_agents(self):

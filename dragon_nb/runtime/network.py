@@ -52,15 +52,19 @@ class Network:
     def codec(self) -> P.Codec:
         return P.Codec(self.key)
 
-    def bind(self, sock: zmq.Socket, name: str) -> str:
-        """Bind ``sock`` to a fresh endpoint called ``name``; -> its address."""
+    def bind(self, sock: zmq.Socket, name: str, port: int = 0) -> str:
+        """Bind ``sock`` to a fresh endpoint called ``name`` (on TCP: ``port``, or any
+        free one); -> its address."""
         self.serve(sock)
         if self.host is None:
             address = f"ipc://{self.rundir}/{name}"
             sock.bind(address)
             return address
         host = f"[{self.host}]" if ":" in self.host else self.host
-        port = sock.bind_to_random_port(f"tcp://{host}")
+        if port:
+            sock.bind(f"tcp://{host}:{port}")
+        else:
+            port = sock.bind_to_random_port(f"tcp://{host}")
         return f"tcp://{host}:{port}"
 
     def serve(self, sock: zmq.Socket) -> zmq.Socket:
