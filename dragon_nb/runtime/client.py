@@ -50,8 +50,9 @@ class Runtime:
 
     With ``hosts`` or ``listen`` the head also binds TCP on ``listen`` (an
     address or interface name; default: the interface that routes to the
-    first host, never all interfaces) and every message is signed with a key
-    kept in the 0600 ``connection_file``; agents started by hand join with
+    first host, never all interfaces); every socket then speaks CurveZMQ and
+    every message is signed, with a key kept in the 0600 ``connection_file``
+    (see runtime/network.py); agents started by hand join with
     ``dragon-nb agent --connect <tcp_address> --key-file <connection_file>``.
     """
 
@@ -79,7 +80,8 @@ class Runtime:
             raise ValueError(f"cpus_per_node must be a positive integer, "
                              f"not {cpus_per_node!r}")
         if networked:
-            hosts_mod.launch_commands(hosts, launcher, "tcp://HEAD:PORT", "FILE")  # checks
+            if hosts:
+                hosts_mod.check_launcher(launcher)
             host = network.resolve_interface(listen, hosts)
         self.n_nodes = nodes
         self.hosts, self.listen, self.launcher = hosts, listen, launcher   # for a restart

@@ -29,6 +29,13 @@ def agent_command(head: str, key_file: str, name: str | None = None,
     return cmd
 
 
+def check_launcher(launcher: str) -> None:
+    """A ValueError unless ``launcher`` is one ``launch_commands`` knows."""
+    if launcher not in LAUNCHERS and not ("{host}" in launcher and "{command}" in launcher):
+        raise ValueError(f"launcher must be 'ssh', 'srun' or a template with {{host}} and "
+                         f"{{command}}, not {launcher!r}")
+
+
 def launch_commands(hosts, launcher: str, head: str, connection_file: str,
                     python: str | None = None) -> list[tuple[str | None, list[str], bool]]:
     """-> [(host, argv, key on stdin?)]: what starts an agent on each host.
@@ -40,6 +47,7 @@ def launch_commands(hosts, launcher: str, head: str, connection_file: str,
     hosts = list(hosts)
     if not hosts:
         return []
+    check_launcher(launcher)
     if launcher == "ssh":
         return [(h, ["ssh", "-o", "BatchMode=yes", h,
                      shlex.join(agent_command(head, "-", h, python))], True) for h in hosts]
@@ -47,15 +55,12 @@ def launch_commands(hosts, launcher: str, head: str, connection_file: str,
         return [(None, ["srun", f"--nodes={len(hosts)}", "--ntasks-per-node=1",
                         f"--nodelist={','.join(hosts)}", "--kill-on-bad-exit=0",
                         *agent_command(head, connection_file, None, python)], False)]
-    if "{host}" in launcher and "{command}" in launcher:
-        out = []
-        for h in hosts:
-            command = shlex.join(agent_command(head, "-", h, python))
-            out.append((h, shlex.split(launcher.format(host=shlex.quote(h),
-                                                       command=command)), True))
-        return out
-    raise ValueError(f"launcher must be 'ssh', 'srun' or a template with {{host}} and "
-                     f"{{command}}, not {launcher!r}")
+    out = []                             # a template
+    for h in hosts:
+        command = shlex.join(agent_command(head, "-", h, python))
+        out.append((h, shlex.split(launcher.format(host=shlex.quote(h), command=command)),
+                    True))
+    return out
 
 
 def shared_copy_path(rundir: str) -> str:
