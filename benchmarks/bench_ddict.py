@@ -339,7 +339,8 @@ def table(res: dict, dragon: dict | None) -> tuple[str, dict]:
             else:
                 target = f">= {CRITERIA[key]:g}x mp put: " if key == "batch_put_64B" else \
                     f">= {CRITERIA[key]:g}x mp: "
-                target += "ok" if ok else "MISSED"
+                # the verdict compares the unrounded ratio: a MISSED says by how much
+                target += "ok" if ok else f"MISSED at {ratio or 0:.3f}x"
             verdict[key] = ok
         if key == "batch_put_64B":
             theirs_txt = f"(no batch; put {fmt(res['mp.put_64B'], unit)})"

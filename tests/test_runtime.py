@@ -246,6 +246,44 @@ def test_a_spawn_one_node_cannot_answer_fails_whole_and_leaves_no_process():
         assert rt.request("procs")["procs"] == []
 
 
+def test_kill_returns_once_the_agent_has_sent_the_signal():
+    """What the caller does after kill() meets the process already signalled: the head
+    answers when the agent confirms, not when it has passed the request on."""
+    import threading
+    with dragon_nb.Runtime(nodes=2) as rt:
+        (node, pid), = rt.spawn("dragon_nb.ddict.manager:main", _manager_spec(rt, "k"), 1,
+                                "test-owner", nodes=[1])
+        agent = next(n["agent_pid"] for n in rt.nodes() if n["id"] == 1)
+        manager = psutil.Process(pid)
+        os.kill(agent, signal.SIGSTOP)
+        done = threading.Event()
+        killer = threading.Thread(target=lambda: (rt.kill([(node, pid)], signal.SIGKILL),
+                                                  done.set()))
+        try:
+            killer.start()
+            assert not done.wait(1.0), "kill answered before the agent could send it"
+            assert manager.status() != psutil.STATUS_ZOMBIE
+        finally:
+            os.kill(agent, signal.SIGCONT)
+        assert done.wait(10)
+        killer.join(10)
+        gone, alive = psutil.wait_procs([manager], timeout=10)
+        assert not alive or alive[0].status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_kill_an_agent_never_confirms_fails_naming_the_node():
+    with dragon_nb.Runtime(nodes=2) as rt:
+        (node, pid), = rt.spawn("dragon_nb.ddict.manager:main", _manager_spec(rt, "k"), 1,
+                                "test-owner", nodes=[1])
+        agent = next(n["agent_pid"] for n in rt.nodes() if n["id"] == 1)
+        os.kill(agent, signal.SIGSTOP)
+        try:
+            with pytest.raises(RuntimeError, match="node 1 did not confirm the signal in time"):
+                rt.kill([(node, pid)], signal.SIGKILL)
+        finally:
+            os.kill(agent, signal.SIGCONT)
+
+
 def test_agents_start_only_dragon_nb_entry_points():
     with dragon_nb.Runtime(nodes=1) as rt:
         with pytest.raises(RuntimeError, match="not an entry point of dragon-nb"):

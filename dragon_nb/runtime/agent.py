@@ -324,6 +324,8 @@ class Agent:
                                                    "error": f"node {self.node}: {e}"})
                     elif op == "kill":
                         self.kill(body.get("pids", ()), body.get("sig", signal.SIGTERM))
+                        if kind == P.REQ:        # a client waits on it: say it is sent
+                            self.chan.send(P.REP, {"rid": body["rid"], "ok": True})
             if time.monotonic() >= next_tel:
                 self.telemetry()
                 next_tel = time.monotonic() + interval

@@ -39,6 +39,7 @@ AGENT_POLL_S = 0.1
 SHUTDOWN_GRACE_S = 2.0
 NODE_TIMEOUT_S = 3.0       # an agent on another host silent this long is lost
 SPAWN_TIMEOUT_S = 30.0     # a spawn some node has not answered by then fails whole
+KILL_TIMEOUT_S = 5.0       # a kill some node has not confirmed by then is answered anyway
 PING_S = 1.0               # how often agents on other hosts hear from the head
 JOIN_GRACE_S = 10.0        # more silence allowed to an agent that has just joined
 
@@ -174,7 +175,9 @@ class Head:
         for hrid, pend in list(self.pending.items()):
             if now > pend["deadline"]:
                 late = ", ".join(f"node {n}" for n in sorted(pend["waiting"]))
-                self.finish(hrid, ok=False, error=f"{late} did not start the processes in time")
+                what = ("confirm the signal" if pend.get("op") == "kill"
+                        else "start the processes")
+                self.finish(hrid, ok=False, error=f"{late} did not {what} in time")
         for nid, info in list(self.nodes.items()):
             if not info.get("remote") or not info.get("alive"):
                 continue
@@ -202,8 +205,14 @@ class Head:
             self.publish(P.TOPIC_EXIT + owner.encode(), {"procs": procs, "why": why})
         self.publish(P.TOPIC_NODES, {"event": "lost", "node": nid, "why": why})
         for rid, pend in list(self.pending.items()):
-            if nid in pend["waiting"]:
+            if nid not in pend["waiting"]:
+                continue
+            if pend.get("op") != "kill":
                 self.finish(rid, ok=False, error=f"node {nid} lost during spawn: {why}")
+            else:                            # its processes went with it: signal done
+                pend["waiting"].discard(nid)
+                if not pend["waiting"]:
+                    self.finish(rid, ok=True)
 
     def publish(self, topic: bytes, body):
         frames = self.codec.encode(P.EVT, body)
@@ -234,8 +243,7 @@ class Head:
         elif op == "spawn":
             self.spawn(ident, body)
         elif op == "kill":
-            self.kill(body.get("procs", ()), body.get("sig", signal.SIGTERM))
-            self.reply(ident, rid)
+            self.kill_confirmed(ident, body)
         elif op == "procs":
             self.reply(ident, rid, procs=[(n, p, o) for (n, p), o in self.procs.items()])
         elif op == "shutdown":
@@ -281,6 +289,22 @@ class Head:
                                      "entry": body["entry"], "owner": body["owner"],
                                      "spec": body["spec"]}, to=self.nodes[n]["ident"])
 
+    def kill_confirmed(self, ident, body):
+        """A client's kill: answered once every agent concerned has sent the signal,
+        so that what the caller does next meets the process already gone."""
+        by_node = self.by_node(body.get("procs", ()))
+        waiting = {n for n in by_node if self.nodes.get(n, {}).get("alive")}
+        if not waiting:
+            return self.reply(ident, body.get("rid"))
+        hrid = next(self.rids)
+        self.pending[hrid] = {"op": "kill", "ident": ident, "rid": body.get("rid"),
+                              "waiting": waiting, "procs": [],
+                              "deadline": time.monotonic() + KILL_TIMEOUT_S}
+        for n in waiting:
+            self.router.send(P.REQ, {"op": "kill", "rid": hrid, "pids": by_node[n],
+                                     "sig": int(body.get("sig", signal.SIGTERM))},
+                             to=self.nodes[n]["ident"])
+
     def on_agent_reply(self, nid, body):
         pend = self.pending.get(body.get("rid"))
         if pend is None:
@@ -301,6 +325,8 @@ class Head:
 
     def finish(self, hrid, ok, error=None):
         pend = self.pending.pop(hrid)
+        if pend.get("op") == "kill":
+            return self.reply(pend["ident"], pend["rid"], ok=ok, error=error)
         if ok:
             self.reply(pend["ident"], pend["rid"], procs=pend["procs"])
             return
@@ -314,11 +340,16 @@ class Head:
             del self.abandoned[:-256]
         self.reply(pend["ident"], pend["rid"], ok=False, error=error, procs=[])
 
-    def kill(self, procs, sig):
-        by_node: dict[int, list] = {}
+    @staticmethod
+    def by_node(procs) -> dict[int, list]:
+        out: dict[int, list] = {}
         for node, pid in procs:
-            by_node.setdefault(node, []).append(pid)
-        for node, pids in by_node.items():
+            out.setdefault(node, []).append(pid)
+        return out
+
+    def kill(self, procs, sig):
+        """Signal processes and go on: for the head's own clean-ups."""
+        for node, pids in self.by_node(procs).items():
             info = self.nodes.get(node)
             if info and info.get("alive"):
                 self.router.send(P.EVT, {"op": "kill", "pids": pids, "sig": int(sig)},
