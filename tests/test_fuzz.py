@@ -49,7 +49,7 @@ def square(x):
 
 
 KINDS = [P.REQ, P.REP, P.EVT, P.HELLO, P.TASKS, P.RESULTS, P.CANCEL, P.INIT_FAILED,
-         P.STOP, P.OUTPUT, P.PIPE_ITEMS, P.PIPE_END, P.BOUND]
+         P.STOP, P.OUTPUT, P.PIPE_ITEMS, P.PIPE_END, P.PIPE_LINK, P.BOUND]
 
 
 def messages(marker: str, seed: int, control: bool):

@@ -123,6 +123,17 @@ def test_pool_connections_cut_while_the_host_stays_are_redialled_and_nothing_is_
 
 
 @pytest.mark.timeout(150)
+def test_pipeline_links_cut_while_the_hosts_stay_are_redialled_and_nothing_is_lost(
+        hosts, work, env_with_pkg):
+    r = scenario(hosts, "pipeline_redial", work, env_with_pkg)
+    assert all(r["cuts"].values()), r        # every link really was cut
+    said = " ".join(r["redials"])
+    assert "the feeder's link" in said and "a stage 0 worker's link" in said and \
+        "a stage 1 worker's link" in said, r
+    assert r["values_ok"] and r["count"] == 600, r
+
+
+@pytest.mark.timeout(150)
 def test_a_ddict_manager_gone_on_another_host_is_named_at_once_not_timed_out(
         hosts, work, env_with_pkg):
     r = scenario(hosts, "ddict_gone", work, env_with_pkg)

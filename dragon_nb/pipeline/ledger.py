@@ -5,7 +5,9 @@ which of the batches in flight it had. The caller does know what it fed in and
 what came out of the last stage: every batch in between is sent again, each at
 most ``retries`` times, and a batch that then comes out twice is taken once.
 Stages are functions of one item, so running an item again gives the same
-result (a stage with side effects sees the item twice).
+result (a stage with side effects sees the item twice). The same is done,
+without counting against the retries, when a TCP link between stages was cut
+and dialled again: whatever was on it is gone.
 """
 from __future__ import annotations
 
@@ -44,18 +46,21 @@ class Ledger:
                 self.done_below += 1
             return True
 
-    def send_again(self) -> int:
+    def send_again(self, charge: bool = True) -> int:
         """Queue every batch in flight to be sent again; -> how many. Raises
-        TooManyRetries for the first batch that has used its retries up."""
+        TooManyRetries for the first batch that has used its retries up. A cut
+        link is not the items' fault: ``charge=False`` does not count it."""
         with self.lock:
             for seq in sorted(self.inflight):
                 start, count, frames, times = self.inflight[seq]
-                if times >= self.retries:
+                if charge and times >= self.retries:
                     raise TooManyRetries(seq, start, count, self.retries)
+            queued = {seq for seq, _ in self.resend}
             for seq in sorted(self.inflight):
                 entry = self.inflight[seq]
-                entry[3] += 1
-                self.resend.append((seq, entry[2]))
+                entry[3] += charge
+                if seq not in queued:          # two reports of one cut: sent once
+                    self.resend.append((seq, entry[2]))
             return len(self.inflight)
 
     def next_resend(self):

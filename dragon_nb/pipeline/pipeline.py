@@ -153,6 +153,7 @@ class Pipeline:
         self.items_sent = 0
         self._rate = 0.0
         self.feeder = None
+        self.feed_redials = None                    # on TCP: the feeder's links cut and redialled
         # Built from the sink back to the source: every process binds where it
         # *receives* (a PULL) and connects where it sends, so a peer that reaches
         # a bound socket can offer items (signed, or dropped) but never take any.
@@ -185,6 +186,7 @@ class Pipeline:
                 self.source_push = ctx.socket(zmq.PUSH)
                 self.source_push.setsockopt(zmq.SNDHWM, self.hwm)
                 self.source_push.setsockopt(zmq.IMMEDIATE, 1)   # never to a dead worker
+                self.feed_redials = net.redials(self.source_push)
                 for addr in outputs:
                     net.connect(self.source_push, addr)
                 self.feeder = threading.Thread(target=self._feed, args=(iter(source),),
@@ -266,6 +268,7 @@ class Pipeline:
         try:
             while not self._closed:
                 self._apply_rewires()
+                self._check_feed_links()
                 again = self.ledger.next_resend()
                 if again is not None:
                     if not self._push(again[1]):
@@ -307,7 +310,7 @@ class Pipeline:
             self.total_batches = seq
         finally:
             if self._closed:         # close() left the socket to us: we were still using it
-                self.source_push.close(linger=0)
+                self._close_source_push()
 
     def _push(self, frames) -> bool:
         """Send one batch to stage 0, waiting while it is full; False if closed meanwhile."""
@@ -315,8 +318,31 @@ class Pipeline:
             if self._closed or not self.runtime.alive:
                 return False
             self._apply_rewires()              # the worker we waited for may have died
+            self._check_feed_links()
         self.source_push.send_multipart(frames, copy=False)
         return True
+
+    def _check_feed_links(self):
+        for endpoint in self.feed_redials.poll() if self.feed_redials is not None else ():
+            self._link_cut("the feeder", endpoint)
+
+    def _link_cut(self, sender: str, endpoint: str) -> None:
+        """A TCP link into a stage was cut and dialled again: the batches on it are
+        lost. Feed in again all that have not come out (not counted as retries)."""
+        if self.ledger is None:
+            log.warning("%s: %s's link to %s was cut and dialled again; batches on it "
+                        "may be lost, and a source run on a node cannot be fed again",
+                        self.owner, sender, endpoint)
+            return
+        again = self.ledger.send_again(charge=False)
+        log.info("%s: %s's link to %s was cut and dialled again; %d batch(es) fed in again",
+                 self.owner, sender, endpoint, again)
+        self._wake.set()
+
+    def _close_source_push(self):
+        if self.feed_redials is not None:
+            self.feed_redials.close()
+        self.source_push.close(linger=0)
 
     def _apply_rewires(self):
         while self._rewires:
@@ -396,6 +422,10 @@ class Pipeline:
             if kind == P.PIPE_END:
                 self.total_batches = body["batches"]
                 self.source_failure = S.loads(rest[0]) if rest else None
+            elif kind == P.PIPE_LINK and isinstance(body, dict):
+                stage = body.get("stage")
+                self._link_cut("the source" if stage == -1 else f"a stage {stage} worker",
+                               str(body.get("to")))
         if self.sink in events:
             try:
                 kind, body, rest = self.codec.decode(self.sink.recv_multipart(copy=False))
@@ -523,12 +553,12 @@ class Pipeline:
         if feeding:
             self.feeder.join(1.0)
             feeding = self.feeder.is_alive()
-        for sock in ("control", "exits", "sink", "source_push", "report"):
-            if sock == "source_push" and feeding:
-                continue         # the feeder, stuck in the source's next(), closes it
+        for sock in ("control", "exits", "sink", "report"):
             s = getattr(self, sock, None)
             if s is not None:
                 s.close(linger=0)
+        if getattr(self, "source_push", None) is not None and not feeding:
+            self._close_source_push()  # else the feeder, stuck in the source's next(), does
 
     @staticmethod
     def _is_alive(node, pid) -> bool:

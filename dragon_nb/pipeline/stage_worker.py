@@ -58,14 +58,13 @@ class StageWorker:
         self.control = self.zctx.socket(zmq.SUB)
         self.control.setsockopt(zmq.SUBSCRIBE, b"")
         net.connect(self.control, spec["control"])
-        self.push = _connect_push(self.zctx, net, spec)
+        self.push, self.redials = _connect_push(self.zctx, net, spec)
         self.pull = self.zctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, spec["hwm"])
         address = net.bind(self.pull, spec["input"])
-        report = net.connect(self.zctx.socket(zmq.DEALER), spec["report"])
-        report.send_multipart(self.codec.encode(P.BOUND, {
+        self.report = net.connect(self.zctx.socket(zmq.DEALER), spec["report"])
+        self.report.send_multipart(self.codec.encode(P.BOUND, {
             "stage": spec["stage"], "index": spec["index"], "input": address}))
-        report.close(linger=2000)
         self.counters = ctx.counters
         self.items_in = self.items_out = 0
 
@@ -92,6 +91,7 @@ class StageWorker:
         while not self.push.poll(POLL_MS, zmq.POLLOUT):
             if self.stopped():
                 raise _Stop()
+            _report_redials(self.redials, self.report, self.codec, self.spec["stage"])
         self.push.send_multipart(frames, copy=False)
 
     def process(self, body, payload, bufs):
@@ -135,11 +135,14 @@ class StageWorker:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
+        if self.redials is not None:
+            poller.register(self.redials.watch, zmq.POLLIN)
         try:
             while True:
                 events = dict(poller.poll(1000))
                 if self.control in events and self.stopped():
                     return 0
+                _report_redials(self.redials, self.report, self.codec, self.spec["stage"])
                 if self.pull in events:
                     frames = self.pull.recv_multipart(copy=False)
                     try:
@@ -152,8 +155,11 @@ class StageWorker:
         except _Stop:
             return 0
         finally:
+            if self.redials is not None:
+                self.redials.close()
             for s in (self.pull, self.push, self.control):
                 s.close(linger=0)
+            self.report.close(linger=1000)
             self.zctx.term()
 
 
@@ -164,13 +170,22 @@ def _is_batch(body) -> bool:
 
 
 def _connect_push(zctx, net, spec):
-    """Where this process sends: every worker of the next stage (or the caller's sink)."""
+    """Where this process sends: every worker of the next stage (or the caller's
+    sink); -> the socket, and on TCP the watch on its links."""
     push = zctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, spec["hwm"])
     push.setsockopt(zmq.IMMEDIATE, 1)        # never queue for a worker that has gone
+    redials = net.redials(push)
     for addr in spec["outputs"]:
         net.connect(push, addr)
-    return push
+    return push, redials
+
+
+def _report_redials(redials, report, codec, stage: int) -> None:
+    """Tell the caller which of our links were cut and dialled again: the batches
+    on them are lost, and only the caller knows which those were."""
+    for endpoint in redials.poll() if redials is not None else ():
+        report.send_multipart(codec.encode(P.PIPE_LINK, {"stage": stage, "to": endpoint}))
 
 
 def main(spec_bytes: bytes, ctx) -> int:
@@ -186,7 +201,7 @@ def source_main(spec_bytes: bytes, ctx) -> int:
     gen_func, args = S.loads(spec["source"])
     zctx = zmq.Context()
     net = ctx.network
-    push = _connect_push(zctx, net, spec)
+    push, redials = _connect_push(zctx, net, spec)
     report = net.connect(zctx.socket(zmq.DEALER), spec["report"])
     control = zctx.socket(zmq.SUB)
     control.setsockopt(zmq.SUBSCRIBE, b"")
@@ -203,7 +218,9 @@ def source_main(spec_bytes: bytes, ctx) -> int:
         while not push.poll(POLL_MS, zmq.POLLOUT):
             if control.poll(0):
                 raise _Stop()
+            _report_redials(redials, report, codec, -1)
         push.send_multipart(frames, copy=False)
+        _report_redials(redials, report, codec, -1)
         ctx.counters.set(DONE, count)
         ctx.counters.publish()
         batch, seq = [], seq + 1
@@ -225,11 +242,13 @@ def source_main(spec_bytes: bytes, ctx) -> int:
         report.send_multipart(codec.encode(P.PIPE_END, {"batches": seq, "items": count},
                                            [S.dumps_result(error)[0]]))
         while not control.poll(1000):        # wait to be told to stop
-            pass
+            _report_redials(redials, report, codec, -1)
         return 0
     except _Stop:
         return 0
     finally:
+        if redials is not None:
+            redials.close()
         for s in (push, report, control):
             s.close(linger=1000)
         zctx.term()

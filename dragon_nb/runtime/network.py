@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import psutil
 import zmq
+import zmq.utils.monitor
 import zmq.utils.z85
 
 from dragon_nb.wire import protocol as P
@@ -85,6 +86,11 @@ class Network:
         sock.connect(address)
         return sock
 
+    def redials(self, sock: zmq.Socket) -> "Redials | None":
+        """On TCP, watch the links ``sock`` dials (call before its first connect);
+        on ipc, None: those links are never cut."""
+        return Redials(sock) if self.tcp else None
+
     def _common(self, sock: zmq.Socket) -> None:
         if self.host is not None and ":" in self.host:
             sock.setsockopt(zmq.IPV6, 1)
@@ -93,6 +99,37 @@ class Network:
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
             sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
             sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+
+
+class Redials:
+    """The links of a connecting socket that were cut and dialled again.
+
+    zmq redials a cut TCP connection by itself, but what was on its way over it
+    is gone, and only the sender's socket sees it happen: a second CONNECTED for
+    the same endpoint. Whoever holds the sender is told, and sends again."""
+
+    def __init__(self, sock: zmq.Socket):
+        self.sock = sock
+        self.watch = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+        self.seen: set[str] = set()
+
+    def poll(self) -> list[str]:
+        """The endpoints dialled again since the last call."""
+        again = []
+        while self.watch.poll(0):
+            endpoint = zmq.utils.monitor.recv_monitor_message(self.watch)["endpoint"]
+            endpoint = endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+            if endpoint in self.seen:
+                again.append(endpoint)
+            self.seen.add(endpoint)
+        return again
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.watch.close(linger=0)
 
 
 HEARTBEAT_MS = 1000             # on TCP, peers ping each other this often when idle,

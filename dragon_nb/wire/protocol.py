@@ -51,6 +51,8 @@ OUTPUT = b"io"        # worker -> pool: {"lines": [(job, stream, text)], "droppe
 # --- data plane: pipeline stages (PUSH/PULL, worker to worker) ----------------
 PIPE_ITEMS = b"pi"    # a batch: {"seq", "start"} + pickled (values, {i: failure}) + buffers
 PIPE_END = b"pe"      # node source -> caller: {"batches", "items"} + pickled failure or None
+PIPE_LINK = b"pl"     # stage worker or node source -> caller: {"stage", "to"}: its TCP link
+                      # to ``to`` was cut and dialled again, what was on it may be lost
 
 # --- services -> their creator --------------------------------------------------
 BOUND = b"bd"         # the address a service bound where it runs: pipeline stage workers

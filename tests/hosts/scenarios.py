@@ -170,6 +170,45 @@ def redial():
             "nodes_after": after}
 
 
+def port_of(address: str) -> str:
+    return address.rsplit(":", 1)[1]
+
+
+def cut(ns: str | None, ss_filter: str) -> int:
+    """Reset the established TCP connections matching ``ss_filter`` on a host (as a
+    firewall would); -> how many were cut."""
+    where = ["ip", "netns", "exec", ns] if ns else []
+    proc = subprocess.run([*where, "ss", "-K", "-H", "state", "established", ss_filter],
+                          capture_output=True, text=True, timeout=20)
+    return len(proc.stdout.splitlines())
+
+
+def pipeline_redial():
+    """Every TCP link of a pipeline cut mid-stream while the hosts stay (caller on h1
+    -> stage 0 on h2 -> stage 1 on h3 -> caller): the senders dial again, the batches
+    that were on the links are fed in again, and the results come out whole, in order."""
+    import logging
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("dragon_nb.pipeline").addHandler(handler)
+    logging.getLogger("dragon_nb.pipeline").setLevel(logging.INFO)
+    start()
+    ids = {name: nid for nid, name in node_hosts().items()}
+    with Pipeline(range(600), stage(slow_square, workers=1, nodes=[ids["h2"]]),
+                  stage(first_stage, workers=1, nodes=[ids["h3"]])) as pipe:
+        stage0, stage1 = pipe.stage_inputs[0][0], pipe.stage_inputs[1][0]
+        got = [next(pipe) for _ in range(60)]
+        cuts = {"feeder": cut(None, f"( dport = :{port_of(stage0)} )"),
+                "stage0": cut(os.environ["DNB_NS_H2"], f"( dport = :{port_of(stage1)} )"),
+                "stage1": cut(None, f"( sport = :{port_of(pipe.sink_address)} )")}
+        got += list(pipe)
+    dragon_nb.stop()
+    return {"values_ok": [g[0] for g in got] == [x * x for x in range(600)],
+            "count": len(got), "cuts": cuts,
+            "redials": [m for m in said if "cut and dialled again" in m]}
+
+
 def touch_later(args):
     """In a worker: wait, then read ``key``; -> what happened and how long it took."""
     d, key, delay = args
