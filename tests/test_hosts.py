@@ -144,6 +144,14 @@ def test_a_ddict_manager_gone_on_another_host_is_named_at_once_not_timed_out(
     assert kind == "DDictError" and "was destroyed" in message and took < 5, r
 
 
+@pytest.mark.timeout(120)
+def test_a_node_under_the_same_hostname_in_another_pid_namespace_is_not_taken_for_this_host(
+        hosts, work, env_with_pkg):
+    r = scenario(hosts, "twin", work, env_with_pkg)
+    assert r["hostnames"] == ["h1", "h1"], r       # one name, two PID namespaces
+    assert r["got"] == ["read", "written"], r
+
+
 # -- the seed's examples, with the work spread over the three hosts -------------------
 FILES = {f"part{i:02d}.txt": "".join(f"line {j} of file {i}\n" for j in range(i * 3 + 1))
          for i in range(11)}

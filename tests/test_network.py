@@ -262,3 +262,21 @@ def test_the_head_takes_the_port_it_is_given():
         assert rt.tcp_address == f"tcp://127.0.0.1:{port}"
         with dragon_nb.Pool(1, runtime=rt) as p:
             assert p.map(abs, [-3]) == [3]
+
+
+@pytest.mark.timeout(60)
+def test_a_pid_space_is_shared_by_processes_of_one_pid_namespace_and_no_other():
+    """What decides whether a pid may be looked at here: not the hostname."""
+    import shutil
+    import sys
+    ask = [sys.executable, "-c",
+           "from dragon_nb.runtime import network; print(network.pid_space())"]
+    here = network.pid_space()
+    assert subprocess.run(ask, capture_output=True, text=True, timeout=30,
+                          check=True).stdout.strip() == here
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a PID namespace of its own needs root and unshare")
+    other = subprocess.run(["unshare", "--pid", "--fork", *ask], capture_output=True,
+                           text=True, timeout=30, check=True).stdout.strip()
+    assert other and other != here
+    assert other.split("/")[0] == here.split("/")[0]        # the same kernel boot

@@ -67,12 +67,13 @@ class Link:
     """One manager, as this process reaches it."""
 
     __slots__ = ("mid", "node", "hostname", "address", "lane_path", "pid", "ctime",
-                 "zsock", "zslice", "lane", "lslice", "lane_usable", "zmq_only", "dead",
+                 "pid_space", "zsock", "zslice", "lane", "lslice", "lane_usable", "zmq_only", "dead",
                  "watch", "connected", "refused")
 
-    def __init__(self, mid, node, hostname, address, lane_path, pid, ctime):
+    def __init__(self, mid, node, hostname, address, lane_path, pid, ctime, pid_space):
         self.mid, self.node, self.hostname = mid, node, hostname
         self.address, self.lane_path, self.pid, self.ctime = address, lane_path, pid, ctime
+        self.pid_space = pid_space       # whose processes can look at `pid` (and its lane)
         self.zsock = self.lane = None
         self.zslice = self.lslice = None
         self.lane_usable = bool(lane_path)       # none across hosts (TCP runtimes)
@@ -91,7 +92,7 @@ class Connection:
         self.pid = os.getpid()
         self.name = name
         self.tombstone = tombstone
-        self.hostname = socket.gethostname()
+        self.pid_space = network.pid_space()
         self.lock = threading.Lock()
         self.links = [Link(*m) for m in managers]
         # the creator passes its runtime's network; a handle unpickled in a service
@@ -159,7 +160,7 @@ class Connection:
         if link.dead is not None:
             raise DDictError(link.dead)
         own = Link(link.mid, link.node, link.hostname, link.address, link.lane_path,
-                   link.pid, link.ctime)
+                   link.pid, link.ctime, link.pid_space)
         own.zsock = self._new_zsock(own)
         with self.lock:
             rid = self._next_rid()
@@ -232,7 +233,7 @@ class Connection:
             return Reply(status, vflags, arg, data[REP.size:], [])
 
     def _open_lane(self, link: Link):
-        if link.hostname != self.hostname:
+        if link.pid_space != self.pid_space:
             link.lane_usable = False
             return None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -345,7 +346,7 @@ class Connection:
                     link.refused += 1
             if link.refused >= REFUSALS_DEAD:
                 return False
-        if link.hostname != self.hostname:
+        if link.pid_space != self.pid_space:
             return True          # no way to look; the deadline decides
         try:
             proc = psutil.Process(link.pid)
@@ -361,7 +362,7 @@ class Connection:
         if link.dead is None:
             if os.path.exists(self.tombstone):
                 link.dead = f"the DDict {self.name!r} has been destroyed"
-            elif link.watch is not None and link.hostname != self.hostname:
+            elif link.watch is not None and link.pid_space != self.pid_space:
                 link.dead = (f"{link.describe()} cannot be reached: it exited or was killed, "
                              f"its DDict {self.name!r} was destroyed, or its host is gone; "
                              f"the keys it held are lost; the other managers keep serving")

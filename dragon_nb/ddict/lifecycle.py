@@ -4,7 +4,9 @@
 each chosen node (one spawn request per node, so ``ctx.index`` runs 0.. on
 every node and each manager's addresses follow from its node and index), waits
 until every one answers, and returns the state a handle carries: per manager
-``[id, node, hostname, zmq address, lane path, pid, start time]``. If anything
+``[id, node, hostname, zmq address, lane path, pid, start time, pid space]``
+(the pid and its start time mean something only to processes in that pid space:
+``network.pid_space``). If anything
 fails, the managers already started are killed.
 """
 from __future__ import annotations
@@ -74,20 +76,20 @@ def check_arguments(name, timeout, nodes, runtime):
 
 
 def _choose_nodes(rt, n_nodes: int, nodes) -> tuple[list, dict]:
-    """-> (node ids, {node id: hostname})."""
+    """-> (node ids, {node id: node})."""
     live = sorted((n for n in rt.nodes(refresh=True) if n.get("alive", True)),
                   key=lambda n: n["id"])
-    hostnames = {n["id"]: n["hostname"] for n in live}
+    by_id = {n["id"]: n for n in live}
     if nodes is None:
         if n_nodes > len(live):
             raise ValueError(f"n_nodes={n_nodes}, but the runtime has {len(live)} "
                              f"live node(s)")
-        return [n["id"] for n in live[:n_nodes]], hostnames
+        return [n["id"] for n in live[:n_nodes]], by_id
     nodes = list(nodes)
-    if not nodes or len(set(nodes)) != len(nodes) or any(n not in hostnames for n in nodes):
+    if not nodes or len(set(nodes)) != len(nodes) or any(n not in by_id for n in nodes):
         raise ValueError(f"nodes={nodes!r}: give distinct ids of live nodes "
-                         f"{sorted(hostnames)}")
-    return nodes, hostnames
+                         f"{sorted(by_id)}")
+    return nodes, by_id
 
 
 def start_managers(rt, managers_per_node: int, n_nodes: int, total_mem: int, *,
@@ -97,7 +99,7 @@ def start_managers(rt, managers_per_node: int, n_nodes: int, total_mem: int, *,
                     ("total_mem", total_mem)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{what} must be a positive integer, not {v!r}")
-    nodes, hostnames = _choose_nodes(rt, n_nodes, nodes)
+    nodes, by_id = _choose_nodes(rt, n_nodes, nodes)
     count = managers_per_node * len(nodes)
     budget = total_mem // count
     if budget < 1:
@@ -114,10 +116,13 @@ def start_managers(rt, managers_per_node: int, n_nodes: int, total_mem: int, *,
                                  "name": name, "tombstone": tombstone,
                                  "report": report and report[1]}, 5)
             procs = rt.spawn(MANAGER_ENTRY, spec, managers_per_node, owner, nodes=[node])
+            space = by_id[node].get("pid_space") or ""
             for index, (n, pid) in enumerate(procs):
                 base = f"{prefix}-{node}-{index}"
-                managers.append([pos * managers_per_node + index, n, hostnames[n],
-                                 "ipc://" + base, base + ".lane", pid, _start_time(pid)])
+                managers.append([pos * managers_per_node + index, n, by_id[n]["hostname"],
+                                 "ipc://" + base, base + ".lane", pid,
+                                 _start_time(pid) if space == network.pid_space() else 0.0,
+                                 space])
         if report is not None:
             for mid, address in _await_bound(report[0], len(managers), ping_timeout,
                                              rt.network).items():
@@ -151,6 +156,8 @@ def reap_managers(rt, managers) -> None:
     """After DD_DESTROY: wait for the managers to exit; SIGKILL the late ones."""
     procs = []
     for m in managers:
+        if m[7] != network.pid_space():
+            continue                       # its pid is not one of ours to look at
         try:
             procs.append(psutil.Process(m[5]))
         except psutil.Error:

@@ -142,7 +142,7 @@ class Pipeline:
         report = net.bind(self.report, f"{self.owner}-rep")
         self.procs: list = []                       # (stage index, node, pid)
         self.worker_index: dict[tuple, int] = {}    # (node, pid) -> its place in its stage
-        self.local_nodes = {n["id"] for n in self.runtime.nodes() if not n.get("remote")}
+        self.local_nodes = self.runtime.nodes_here()
         env = caller_environment()
         common = {**env, "control": control, "report": report, "hwm": self.hwm}
         self.ledger = None if isinstance(source, NodeSource) else Ledger(task_retries)

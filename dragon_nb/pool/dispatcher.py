@@ -159,7 +159,7 @@ class Dispatcher:
         self.nodes = nodes
         self.owner = f"pool-{uuid.uuid4().hex[:12]}"
         # nodes whose agents the head started: on this host, so pids can be signalled here
-        self.local_nodes = {n["id"] for n in runtime.nodes() if not n.get("remote")}
+        self.local_nodes = runtime.nodes_here()
         ctx = zmq_context()
         net = runtime.network
         self.router = P.Channel(ctx.socket(zmq.ROUTER), net.codec(), routed=True)

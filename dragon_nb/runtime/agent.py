@@ -242,6 +242,7 @@ class Agent:
         """Register with the head; a joining agent waits to be welcomed and named."""
         self.chan.send(P.EVT, {"op": "register", "node": self.node, "name": self.args.name,
                                "hostname": self.hostname, "pid": self.pid,
+                               "pid_space": network.pid_space(),
                                "cpus": self.cpus, "physical_mem": self.mem,
                                "address": self.net.host})
         if not self.joining:

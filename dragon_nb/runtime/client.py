@@ -166,6 +166,13 @@ class Runtime:
             self._nodes = self.request("nodes")["nodes"]
         return self._nodes
 
+    def nodes_here(self) -> set[int]:
+        """The nodes whose processes this one can look at and signal by pid (the same
+        kernel and PID namespace); the others are reached through their agents."""
+        here = network.pid_space()
+        return {n["id"] for n in self.nodes(refresh=self.network.tcp)
+                if n.get("pid_space") == here}
+
     def cpu_count(self) -> int:
         """Cores on all nodes: the sum of every node's ``num_cpus``."""
         nodes = self.nodes(refresh=self.network.tcp)    # hosts may have joined or left

@@ -226,7 +226,7 @@ class Head:
         self.router.send(P.REP, {"rid": rid, "ok": ok, **body}, to=ident)
 
     def public_nodes(self):
-        keys = ("id", "name", "hostname", "cpus", "num_cpus", "physical_mem",
+        keys = ("id", "name", "hostname", "pid_space", "cpus", "num_cpus", "physical_mem",
                 "virtual", "alive", "agent_pid", "address", "remote", "lost")
         return [{k: n.get(k) for k in keys} for n in sorted(self.nodes.values(),
                                                              key=lambda n: n["id"])]
@@ -389,7 +389,8 @@ class Head:
         # shared file system may take a while): its silence is counted from then on
         grace = JOIN_GRACE_S if info.get("remote") else 0.0
         info.update(ident=ident, alive=True, seen=time.monotonic() + grace,
-                    hostname=body.get("hostname", info["hostname"]))
+                    hostname=str(body.get("hostname", info["hostname"])),
+                    pid_space=str(body.get("pid_space", "")))
         self.router.send(P.EVT, {"op": "welcome", "node": nid, "preload": self.args.preload,
                                  "telemetry_interval": self.args.telemetry_interval},
                          to=ident)

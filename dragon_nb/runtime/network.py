@@ -211,6 +211,29 @@ def read_key_file(path: str) -> tuple[bytes, dict]:
     return key, fields
 
 
+# --- where this process is ---------------------------------------------------------------
+_pid_space: str | None = None
+
+
+def pid_space() -> str:
+    """Which processes this one can look at by pid: one kernel boot and one PID
+    namespace. A hostname does not say it: a container on the host's network has
+    the host's name but pids of its own."""
+    global _pid_space
+    if _pid_space is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                boot = f.read().strip()
+        except OSError:
+            boot = socket.gethostname()
+        try:
+            namespace = os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            namespace = 0
+        _pid_space = f"{boot}/{namespace}"
+    return _pid_space
+
+
 # --- interfaces --------------------------------------------------------------------------
 def route_source(peer: str) -> str:
     """The address of this host's interface that routes to ``peer`` (nothing is sent)."""

@@ -130,6 +130,47 @@ def join():
             "after_leaving": after_leaving}
 
 
+def wait_and_read(args):
+    """In a worker: wait for ``key`` (a request that outlasts liveness checks), read it."""
+    d, key = args
+    try:
+        d.wait_for(key, timeout=30)
+        return ["read", d[key]]
+    except Exception as e:
+        return [type(e).__name__, str(e)]
+
+
+def twin():
+    """An agent under this host's own name but in a PID namespace of its own (as a
+    container sharing the host's network is): its workers cannot look at this host's
+    pids, so they must not judge a DDict manager here dead by its pid."""
+    rt = start(hosts=[])
+    right = os.path.join(os.environ["DNB_WORK"], "connection.json")
+    shutil.copy(rt.connection_file, right)
+    os.chmod(right, 0o600)
+    agent = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
+                              "-m", "dragon_nb.cli", "agent", "--connect", rt.tcp_address,
+                              "--key-file", right, "--name", "twin"])
+    try:
+        deadline = time.monotonic() + 30
+        while len(node_hosts()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        names = {Node(h).name: Node(h) for h in System().nodes}
+        twin_node = names["twin"]
+        d = DDict(1, 1, 64 << 20, nodes=[0])
+        with Pool(1, nodes=[twin_node.h_uid]) as p:
+            waiting = p.apply_async(wait_and_read, ((d, "later"),))
+            time.sleep(1.0)
+            d["later"] = "written"
+            got = waiting.get(60)
+        d.destroy()
+        hostnames = sorted(n.hostname for n in names.values())
+    finally:
+        dragon_nb.stop()
+        agent.wait(30)
+    return {"got": got, "hostnames": hostnames}
+
+
 def link_down():
     """h3's cable pulled mid-map: its tasks run elsewhere, the result is whole."""
     start()
