@@ -23,7 +23,6 @@ import time
 import traceback
 
 import zmq
-import zmq.utils.monitor
 
 from dragon_nb.runtime.counters import BUSY_US, DONE, QDEPTH, RUNNING
 from dragon_nb.runtime.launch import adopt_caller_environment
@@ -128,10 +127,7 @@ class Worker:
         sock.setsockopt(zmq.LINGER, 2000)
         # on TCP, zmq may drop a connection and dial it again: the pool then has to
         # hear hello again, or it waits for results of tasks that were lost on the way
-        # (watched from before the first connection, so that one is counted too)
-        self.watch = sock.get_monitor_socket(zmq.EVENT_CONNECTED) \
-            if spec["address"].startswith("tcp://") else None
-        self.connects = 0
+        self.redials = net.redials(sock)
         net.connect(sock, spec["address"])
         self.chan = P.Channel(sock, net.codec())
         self.queue: collections.deque = collections.deque()
@@ -161,7 +157,7 @@ class Worker:
     # -- mailbox ---------------------------------------------------------------
     def drain(self, block_ms: int = 0) -> None:
         """Read every waiting message (waiting up to ``block_ms`` for the first)."""
-        if self.watch is not None:
+        if self.redials is not None:
             self.watch_connection()
         if block_ms and not self.chan.sock.poll(block_ms):
             return
@@ -196,12 +192,9 @@ class Worker:
                 self.stopping = True
 
     def watch_connection(self) -> None:
-        while self.watch.poll(0):
-            zmq.utils.monitor.recv_monitor_message(self.watch)
-            self.connects += 1
-            if self.connects > 1:             # a redial: say hello again
-                self.chan.send(P.HELLO, {"wid": self.wid, "pid": os.getpid(),
-                                         "node": self.node, "again": True})
+        if self.redials.poll():               # a redial: say hello again
+            self.chan.send(P.HELLO, {"wid": self.wid, "pid": os.getpid(),
+                                     "node": self.node, "again": True})
 
     def catch_up(self) -> None:
         """After a cancel signal, read the mailbox until its CANCEL message is in.
@@ -365,9 +358,8 @@ class Worker:
                 self.drain()
 
     def close(self):
-        if self.watch is not None:
-            self.chan.sock.disable_monitor()
-            self.watch.close(linger=0)
+        if self.redials is not None:
+            self.redials.close()
         self.chan.close(linger=2000)
         self.zctx.term()
 
