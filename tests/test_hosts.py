@@ -134,6 +134,19 @@ def test_pipeline_links_cut_while_the_hosts_stay_are_redialled_and_nothing_is_lo
 
 
 @pytest.mark.timeout(150)
+def test_ddict_batch_puts_lost_on_a_cut_connection_are_reported_not_lost_silently(
+        hosts, work, env_with_pkg):
+    r = scenario(hosts, "ddict_batch_cut", work, env_with_pkg)
+    assert r["cut"] >= 1 and r["values_right"], r
+    if r["stored"] < r["sent"]:      # some puts were on the cut connection: it says so
+        kind, message = r["error"]
+        assert kind == "DDictError" and "never reached" in message, r
+        assert f"{r['sent'] - r['stored']} of the {r['sent']} puts" in message, r
+    else:
+        assert r["error"] is None, r
+
+
+@pytest.mark.timeout(150)
 def test_a_ddict_manager_gone_on_another_host_is_named_at_once_not_timed_out(
         hosts, work, env_with_pkg):
     r = scenario(hosts, "ddict_gone", work, env_with_pkg)

@@ -38,6 +38,7 @@ from dragon_nb.runtime.client import zmq_context
 from dragon_nb.wire import protocol as P
 
 REQ, REP, ENTRY = P.DD_REQUEST, P.DD_REPLY, P.DD_ENTRY
+BATCH_COUNT = struct.Struct("<Q")      # DD_BATCH_END's key: how many puts were sent
 SLICE_S = 0.1               # longest wait between two liveness checks
 # A lane reply is first awaited by polling for up to SPIN_S, yielding the CPU in
 # between, so that this process's CPU does not go idle: on a virtual machine,
@@ -124,9 +125,10 @@ class Connection:
 
     def request_many(self, mids, op: int, key: bytes = b"", value: bytes = b"", bufs=(),
                      flags: int = 0, vflags: int = 0, arg: int = 0,
-                     timeout: float = 30.0, flags_for=None) -> list:
+                     timeout: float = 30.0, flags_for=None, key_for=None) -> list:
         """The same request to several managers at once (over zmq); their replies
-        in the order of ``mids``. ``flags_for(mid)`` overrides ``flags``."""
+        in the order of ``mids``. ``flags_for(mid)`` and ``key_for(mid)`` override
+        ``flags`` and ``key``."""
         links = [self.links[m] for m in mids]
         for link in links:
             if link.dead is not None:
@@ -137,8 +139,9 @@ class Connection:
             for link in links:
                 rid = self._next_rid()
                 f = flags if flags_for is None else flags_for(link.mid)
-                frame = b"".join((REQ.pack(op, f, vflags, len(bufs), rid, len(key), arg),
-                                  key, value))
+                k = key if key_for is None else key_for(link.mid)
+                frame = b"".join((REQ.pack(op, f, vflags, len(bufs), rid, len(k), arg),
+                                  k, value))
                 self._zsend(link, frame, bufs, op, deadline, timeout)
                 rids.append(rid)
             return [self._zrecv(link, rid, op, deadline, timeout)
@@ -455,7 +458,8 @@ class BatchWriter:
         self.timeout = timeout
         self.id = int.from_bytes(os.urandom(8), "little") >> 1
         self.pending: dict[int, list] = {}      # mid -> [parts, bufs, bytes, count]
-        self.touched: set[int] = set()
+        self.sent: dict[int, int] = {}          # mid -> puts sent to it
+
 
     def add(self, mid: int, key: bytes, vflags: int, inline: bytes, bufs, flags: int = 0):
         p = self.pending.get(mid)
@@ -473,17 +477,20 @@ class BatchWriter:
         p = self.pending.pop(mid, None)
         if p is None:
             return
-        self.touched.add(mid)
+        self.sent[mid] = self.sent.get(mid, 0) + p[3]
         frame = b"".join((REQ.pack(P.DD_BATCH, 0, 0, len(p[1]), 0, 0, self.id), *p[0]))
         self.conn.send_batch(mid, frame, p[1], self.timeout)
 
     def end(self) -> list:
-        """-> [(mid, Reply)] for every manager the batch wrote to."""
+        """-> [(mid, Reply)] for every manager the batch wrote to. Each is told how
+        many puts were sent to it: batches have no replies, so a message lost on the
+        way (a TCP connection cut) is found here, not never."""
         for mid in list(self.pending):
             self.flush(mid)
-        mids = sorted(self.touched)
+        mids = sorted(self.sent)
         if not mids:
             return []
         replies = self.conn.request_many(mids, P.DD_BATCH_END, arg=self.id,
-                                         timeout=self.timeout)
+                                         timeout=self.timeout,
+                                         key_for=lambda m: BATCH_COUNT.pack(self.sent[m]))
         return list(zip(mids, replies))

@@ -171,9 +171,16 @@ class Shard:
 
     def batch_end(self, rid, key, frame, start, flags, vflags, bufs, arg, ident, lane):
         stored, failed, status, why = self.batches.pop(arg, (0, 0, P.DDS_OK, ""))
+        sent = int.from_bytes(key, "little") if len(key) == 8 else stored + failed
         if failed:
-            why = f"{failed} of the {stored + failed} puts of the batch failed; the first: {why}"
-        return reply(rid, status, why.encode(), arg=failed)
+            why = f"{failed} of the {sent} puts of the batch failed; the first: {why}"
+        lost = sent - stored - failed
+        if lost > 0:          # never arrived: a connection cut, or the batch abandoned
+            status = P.DDS_ERROR
+            why = (f"{lost} of the {sent} puts of the batch never reached this manager "
+                   f"(lost on the way: a connection cut, say) and were not stored" +
+                   (f"; and {why}" if failed else ""))
+        return reply(rid, status, why.encode(), arg=failed + max(lost, 0))
 
     def fetch_add(self, rid, key, frame, start, flags, vflags, bufs, arg, ident, lane):
         old = self.data.get(key)

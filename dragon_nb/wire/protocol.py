@@ -91,7 +91,8 @@ DD_LANE_MAX = (64 << 10) + 512
  DD_FETCH_ADD,     # key, arg: amount -> arg: the value before
  DD_WAIT_FOR,      # key [+ value with DDF_MATCH], arg: ms (-1: no limit); zmq only
  DD_BATCH,         # arg: batch id; value region: (DD_ENTRY + key + inline) each; no reply
- DD_BATCH_END,     # arg: batch id -> status of the first failure, arg: failures, payload: why
+ DD_BATCH_END,     # arg: batch id, key: uint64 puts sent -> status of the first failure
+                   #   (or of puts that never arrived), arg: failures, payload: why
  DD_DESTROY,       # the manager answers, then exits
  ) = range(1, 19)
 DD_OP_NAMES = {v: k[3:].lower() for k, v in list(globals().items())

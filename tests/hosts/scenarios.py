@@ -56,6 +56,25 @@ def start(hosts=None, **kw):
                            launcher=os.environ["DNB_LAUNCHER"], **kw)
 
 
+def logged(logger: str) -> list:
+    """The messages ``logger`` logs from now on, down to INFO."""
+    import logging
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger(logger).addHandler(handler)
+    logging.getLogger(logger).setLevel(logging.INFO)
+    return said
+
+
+def copy_connection_file(rt) -> str:
+    """As a user copies the connection file to another host: -> the copy's path."""
+    copy = os.path.join(os.environ["DNB_WORK"], "connection.json")
+    shutil.copy(rt.connection_file, copy)
+    os.chmod(copy, 0o600)
+    return copy
+
+
 def node_hosts() -> dict:
     return {Node(h).h_uid: Node(h).hostname for h in System().nodes}
 
@@ -106,9 +125,7 @@ def join():
     refused = subprocess.run(on_h3 + agent + ["--key-file", wrong], capture_output=True,
                              text=True, timeout=60)
     after_refusal = sorted(node_hosts().values())
-    right = os.path.join(os.environ["DNB_WORK"], "connection.json")
-    shutil.copy(rt.connection_file, right)       # as a user copies it to the other host
-    os.chmod(right, 0o600)
+    right = copy_connection_file(rt)
     joined = subprocess.Popen(on_h3 + agent + ["--key-file", right])
     deadline = time.monotonic() + 30
     while "h3" not in node_hosts().values() and time.monotonic() < deadline:
@@ -145,9 +162,7 @@ def twin():
     container sharing the host's network is): its workers cannot look at this host's
     pids, so they must not judge a DDict manager here dead by its pid."""
     rt = start(hosts=[])
-    right = os.path.join(os.environ["DNB_WORK"], "connection.json")
-    shutil.copy(rt.connection_file, right)
-    os.chmod(right, 0o600)
+    right = copy_connection_file(rt)
     agent = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
                               "-m", "dragon_nb.cli", "agent", "--connect", rt.tcp_address,
                               "--key-file", right, "--name", "twin"])
@@ -189,12 +204,7 @@ def redial():
     """The pool's TCP connections to h2's workers cut (as a firewall resetting them
     would) while the host itself stays: the workers dial again, and the chunks that
     were on the cut connections are sent again."""
-    import logging
-    redials = []
-    handler = logging.Handler()
-    handler.emit = lambda record: redials.append(record.getMessage())
-    logging.getLogger("dragon_nb.pool").addHandler(handler)
-    logging.getLogger("dragon_nb.pool").setLevel(logging.INFO)
+    redials = logged("dragon_nb.pool")
     start()
     h2 = [nid for nid, name in node_hosts().items() if name == "h2"]
     with Pool(2, nodes=h2) as p:
@@ -228,12 +238,7 @@ def pipeline_redial():
     """Every TCP link of a pipeline cut mid-stream while the hosts stay (caller on h1
     -> stage 0 on h2 -> stage 1 on h3 -> caller): the senders dial again, the batches
     that were on the links are fed in again, and the results come out whole, in order."""
-    import logging
-    said = []
-    handler = logging.Handler()
-    handler.emit = lambda record: said.append(record.getMessage())
-    logging.getLogger("dragon_nb.pipeline").addHandler(handler)
-    logging.getLogger("dragon_nb.pipeline").setLevel(logging.INFO)
+    said = logged("dragon_nb.pipeline")
     start()
     ids = {name: nid for nid, name in node_hosts().items()}
     with Pipeline(range(600), stage(slow_square, workers=1, nodes=[ids["h2"]]),
@@ -248,6 +253,40 @@ def pipeline_redial():
     return {"values_ok": [g[0] for g in got] == [x * x for x in range(600)],
             "count": len(got), "cuts": cuts,
             "redials": [m for m in said if "cut and dialled again" in m]}
+
+
+N_BATCH = 2000
+
+
+def ddict_batch_cut():
+    """The connection to a DDict manager on h3 cut while a batch of puts streams to it
+    (batches have no replies): whatever did not arrive is reported by end_batch_put,
+    never lost silently."""
+    import threading
+    start()
+    d = DDict(1, 1, 1024 << 20, nodes=[next(n for n, h in node_hosts().items() if h == "h3")])
+    port = port_of(d._managers[0][3])
+    value = b"v" * (256 << 10)
+    cuts = []
+    cutter = threading.Timer(0.1, lambda: cuts.append(cut(None, f"( dport = :{port} )")))
+    cutter.start()
+    error = None
+    d.start_batch_put()
+    try:
+        for i in range(N_BATCH):
+            d[i] = value
+    finally:
+        try:
+            d.end_batch_put()
+        except Exception as e:
+            error = [type(e).__name__, str(e)]
+    cutter.join()
+    stored = sum(1 for i in range(N_BATCH) if i in d)
+    right = all(d[i] == value for i in range(N_BATCH) if i in d)
+    d.destroy()
+    dragon_nb.stop()
+    return {"cut": sum(cuts), "error": error, "sent": N_BATCH, "stored": stored,
+            "values_right": right}
 
 
 def touch_later(args):
