@@ -134,6 +134,16 @@ def test_pipeline_links_cut_while_the_hosts_stay_are_redialled_and_nothing_is_lo
 
 
 @pytest.mark.timeout(150)
+def test_ddict_requests_waiting_on_a_cut_connection_are_sent_again_not_timed_out(
+        hosts, work, env_with_pkg):
+    r = scenario(hosts, "ddict_cut", work, env_with_pkg)
+    assert len(r["cuts"]) == 2 and all(r["cuts"]), r      # both cuts really cut
+    kind, value, took = r["waited"]
+    assert (kind, value) == ("ok", "written") and took < 10, r    # not its 15 s timeout
+    assert [g[0] for g in r["gets"]] == ["ok"] * 12, r
+
+
+@pytest.mark.timeout(150)
 def test_ddict_batch_puts_lost_on_a_cut_connection_are_reported_not_lost_silently(
         hosts, work, env_with_pkg):
     r = scenario(hosts, "ddict_batch_cut", work, env_with_pkg)

@@ -54,6 +54,12 @@ YIELD_BUSY_S = 10e-6
 LANE_RECV = P.DD_LANE_MAX + 64
 EXIT_WAIT_S = 1.0           # a manager whose lane closed is given this long to be seen dead
 REFUSALS_DEAD = 3           # a lost TCP link to a manager that fails to reconnect this often
+# Requests that may be sent again when their TCP link was cut and dialled again (the
+# request or its reply may have been lost on it): doing them twice is doing them once.
+# The others (pop, fetch_add, destroy) fail saying they may or may not have happened.
+RESENDABLE = frozenset((P.DD_PING, P.DD_PUT, P.DD_GET, P.DD_CONTAINS, P.DD_LEN, P.DD_KEYS,
+                        P.DD_MGET, P.DD_CLEAR, P.DD_STATS, P.DD_FREEZE, P.DD_UNFREEZE,
+                        P.DD_IS_FROZEN, P.DD_WAIT_FOR, P.DD_BATCH_END))
 
 
 class Reply(NamedTuple):
@@ -69,7 +75,7 @@ class Link:
 
     __slots__ = ("mid", "node", "hostname", "address", "lane_path", "pid", "ctime",
                  "pid_space", "zsock", "zslice", "lane", "lslice", "lane_usable", "zmq_only", "dead",
-                 "watch", "connected", "refused")
+                 "watch", "connected", "refused", "ever_connected", "redials")
 
     def __init__(self, mid, node, hostname, address, lane_path, pid, ctime, pid_space):
         self.mid, self.node, self.hostname = mid, node, hostname
@@ -81,8 +87,9 @@ class Link:
         self.zmq_only = False
         self.dead: str | None = None     # why it cannot be reached any more
         self.watch = None                # a TCP link's connection events (monitor socket)
-        self.connected = False
+        self.connected = self.ever_connected = False
         self.refused = 0                 # connection attempts failed since the last success
+        self.redials = 0                 # times its TCP link was cut and made again
 
     def describe(self) -> str:
         return f"DDict manager {self.mid} (node {self.node}, pid {self.pid})"
@@ -121,7 +128,7 @@ class Connection:
                 if rep is not None:
                     return rep
             self._zsend(link, frame, bufs, op, deadline, timeout)
-            return self._zrecv(link, rid, op, deadline, timeout)
+            return self._zrecv(link, rid, op, deadline, timeout, frame, bufs)
 
     def request_many(self, mids, op: int, key: bytes = b"", value: bytes = b"", bufs=(),
                      flags: int = 0, vflags: int = 0, arg: int = 0,
@@ -135,7 +142,7 @@ class Connection:
                 raise DDictError(link.dead)
         with self.lock:
             deadline = time.monotonic() + timeout
-            rids = []
+            sent = []
             for link in links:
                 rid = self._next_rid()
                 f = flags if flags_for is None else flags_for(link.mid)
@@ -143,9 +150,9 @@ class Connection:
                 frame = b"".join((REQ.pack(op, f, vflags, len(bufs), rid, len(k), arg),
                                   k, value))
                 self._zsend(link, frame, bufs, op, deadline, timeout)
-                rids.append(rid)
-            return [self._zrecv(link, rid, op, deadline, timeout)
-                    for link, rid in zip(links, rids)]
+                sent.append((rid, frame))
+            return [self._zrecv(link, rid, op, deadline, timeout, frame, bufs)
+                    for link, (rid, frame) in zip(links, sent)]
 
     def send_batch(self, mid: int, frame: bytes, bufs, timeout: float):
         """A message with no reply (DD_BATCH)."""
@@ -174,7 +181,7 @@ class Connection:
         deadline = time.monotonic() + total
         try:
             self._zsend(own, frame, bufs, P.DD_WAIT_FOR, deadline, total)
-            return self._zrecv(own, rid, P.DD_WAIT_FOR, deadline, total)
+            return self._zrecv(own, rid, P.DD_WAIT_FOR, deadline, total, frame, bufs)
         finally:
             if own.dead is not None and link.dead is None:
                 link.dead = own.dead
@@ -271,6 +278,8 @@ class Connection:
         sock = link.zsock
         if sock is None:
             sock = link.zsock = self._new_zsock(link)
+        elif link.watch is not None:
+            self._watch(link)    # a redial before this request is not one during it
         if self.key is not None:
             bufs = P.sign_frames(self.key, [frame, *bufs])[1:]
         while True:
@@ -287,17 +296,21 @@ class Connection:
                 if not sock.poll(min(SLICE_S, timeout) * 1000, zmq.POLLOUT):
                     self._check(link, op, deadline, timeout)
 
-    def _zrecv(self, link: Link, rid, op, deadline, timeout) -> Reply:
+    def _zrecv(self, link: Link, rid, op, deadline, timeout, frame, bufs) -> Reply:
         sock = link.zsock
         slice_ms = max(1, int(min(SLICE_S, timeout) * 1000))
         if link.zslice != slice_ms:
             sock.setsockopt(zmq.RCVTIMEO, slice_ms)
             link.zslice = slice_ms
+        redials = link.redials
         while True:
             try:
                 head = sock.recv()
             except zmq.Again:
                 self._check(link, op, deadline, timeout)
+                if link.redials != redials:      # cut and made again: resend, or say so
+                    redials = link.redials
+                    self._after_redial(link, op, frame, bufs, deadline, timeout)
                 continue
             bufs = []
             while sock.getsockopt(zmq.RCVMORE):
@@ -315,6 +328,13 @@ class Connection:
                 continue
             link.zmq_only = False      # everything sent before was read
             return Reply(status, vflags, arg, head[REP.size:], bufs)
+
+    def _after_redial(self, link: Link, op, frame, bufs, deadline, timeout):
+        """The request or its reply may have been on the link that was cut."""
+        if op not in RESENDABLE:
+            raise DDictError(f"the connection to {link.describe()} was cut during "
+                             f"{P.DD_OP_NAMES.get(op, op)}; it may or may not have happened")
+        self._zsend(link, frame, bufs, op, deadline, timeout)
 
     # -- is it there? --------------------------------------------------------------------
     def _check(self, link: Link, op, deadline, timeout):
@@ -339,14 +359,7 @@ class Connection:
         connection: one that was lost and cannot be made again (refused, unreachable)
         means nobody listens there any more. True when it cannot be told."""
         if link.watch is not None:
-            while link.watch.poll(0):
-                event = zmq.utils.monitor.recv_monitor_message(link.watch)["event"]
-                if event == zmq.EVENT_CONNECTED:
-                    link.connected, link.refused = True, 0
-                elif event == zmq.EVENT_DISCONNECTED:
-                    link.connected = False
-                elif event == zmq.EVENT_CONNECT_RETRIED and not link.connected:
-                    link.refused += 1
+            self._watch(link)
             if link.refused >= REFUSALS_DEAD:
                 return False
         if link.pid_space != self.pid_space:
@@ -360,6 +373,20 @@ class Connection:
             return False
         except psutil.Error:
             return True
+
+    @staticmethod
+    def _watch(link: Link) -> None:
+        """Read what happened to a TCP link: made, lost, refused, made again."""
+        while link.watch.poll(0):
+            event = zmq.utils.monitor.recv_monitor_message(link.watch)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                link.redials += link.ever_connected
+                link.connected = link.ever_connected = True
+                link.refused = 0
+            elif event == zmq.EVENT_DISCONNECTED:
+                link.connected = False
+            elif event == zmq.EVENT_CONNECT_RETRIED and not link.connected:
+                link.refused += 1
 
     def _mark_dead(self, link: Link) -> DDictError:
         if link.dead is None:

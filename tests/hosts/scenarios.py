@@ -255,6 +255,48 @@ def pipeline_redial():
             "redials": [m for m in said if "cut and dialled again" in m]}
 
 
+def ddict_cut():
+    """The connection to a DDict manager on h3 cut while requests wait on it: they are
+    sent again on the new connection (a wait_for, 32 MiB gets), not timed out."""
+    import threading
+    start()
+    d = DDict(1, 1, 256 << 20, nodes=[next(n for n, h in node_hosts().items() if h == "h3")],
+              timeout=20)
+    port = port_of(d._managers[0][3])
+    cuts = []
+
+    def cut_then_write():
+        time.sleep(0.5)
+        cuts.append(cut(None, f"( dport = :{port} )"))
+        time.sleep(1.0)
+        d["later"] = "written"
+
+    writer = threading.Thread(target=cut_then_write)
+    began = time.monotonic()
+    writer.start()
+    try:
+        d.wait_for("later", timeout=15)
+        waited = ["ok", d["later"], time.monotonic() - began]
+    except Exception as e:
+        waited = [type(e).__name__, str(e), time.monotonic() - began]
+    writer.join()
+    big = os.urandom(32 << 20)
+    d["big"] = big
+    cutter = threading.Timer(0.3, lambda: cuts.append(cut(None, f"( dport = :{port} )")))
+    cutter.start()
+    gets = []
+    for _ in range(12):
+        t = time.monotonic()
+        try:
+            gets.append(["ok" if d["big"] == big else "wrong", time.monotonic() - t])
+        except Exception as e:
+            gets.append([type(e).__name__, time.monotonic() - t])
+    cutter.join()
+    d.destroy()
+    dragon_nb.stop()
+    return {"cuts": cuts, "waited": waited, "gets": gets}
+
+
 N_BATCH = 2000
 
 
