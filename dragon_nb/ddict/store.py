@@ -72,6 +72,9 @@ class Shard:
         self.waiters: dict[bytes, list] = {}       # key -> [(ident, rid, deadline, match)]
         self.next_deadline: float | None = None    # the nearest waiter deadline
         self.batches: collections.OrderedDict = collections.OrderedDict()
+        # the answers of batches that ended, for a DD_BATCH_END asked again (its reply
+        # lost on a cut connection): the same answer, not "none of the puts arrived"
+        self.ended: collections.OrderedDict = collections.OrderedDict()
         self.outbox: list = []                     # (ident, frames) for the loop to send
         self.ops = {P.DD_PING: self.ping, P.DD_PUT: self.put, P.DD_GET: self.get,
                     P.DD_CONTAINS: self.contains, P.DD_POP: self.pop, P.DD_LEN: self.length,
@@ -170,6 +173,9 @@ class Shard:
         return None
 
     def batch_end(self, rid, key, frame, start, flags, vflags, bufs, arg, ident, lane):
+        if arg in self.ended:
+            status, why, count = self.ended[arg]
+            return reply(rid, status, why, arg=count)
         stored, failed, status, why = self.batches.pop(arg, (0, 0, P.DDS_OK, ""))
         sent = int.from_bytes(key, "little") if len(key) == 8 else stored + failed
         if failed:
@@ -180,6 +186,9 @@ class Shard:
             why = (f"{lost} of the {sent} puts of the batch never reached this manager "
                    f"(lost on the way: a connection cut, say) and were not stored" +
                    (f"; and {why}" if failed else ""))
+        self.ended[arg] = (status, why.encode(), failed + max(lost, 0))
+        if len(self.ended) > MAX_OPEN_BATCHES:
+            self.ended.popitem(last=False)
         return reply(rid, status, why.encode(), arg=failed + max(lost, 0))
 
     def fetch_add(self, rid, key, frame, start, flags, vflags, bufs, arg, ident, lane):
