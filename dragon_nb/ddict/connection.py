@@ -56,10 +56,14 @@ EXIT_WAIT_S = 1.0           # a manager whose lane closed is given this long to 
 REFUSALS_DEAD = 3           # a lost TCP link to a manager that fails to reconnect this often
 # Requests that may be sent again when their TCP link was cut and dialled again (the
 # request or its reply may have been lost on it): doing them twice is doing them once.
-# The others (pop, fetch_add, destroy) fail saying they may or may not have happened.
+# The others (pop, fetch_add, clear, freeze, destroy) fail, after a grace for a reply
+# still on its way, saying they may or may not have happened.
+# A re-sent put is at least once: in the moment its first copy's reply was lost,
+# another client's later put of the same key may be overwritten by it.
 RESENDABLE = frozenset((P.DD_PING, P.DD_PUT, P.DD_GET, P.DD_CONTAINS, P.DD_LEN, P.DD_KEYS,
-                        P.DD_MGET, P.DD_CLEAR, P.DD_STATS, P.DD_FREEZE, P.DD_UNFREEZE,
-                        P.DD_IS_FROZEN, P.DD_WAIT_FOR, P.DD_BATCH_END))
+                        P.DD_MGET, P.DD_STATS, P.DD_IS_FROZEN, P.DD_WAIT_FOR,
+                        P.DD_BATCH_END))
+REDIAL_GRACE_S = 1.0        # how long the reply to a request not re-sent is still awaited
 
 
 class Reply(NamedTuple):
@@ -303,21 +307,29 @@ class Connection:
             sock.setsockopt(zmq.RCVTIMEO, slice_ms)
             link.zslice = slice_ms
         redials = link.redials
+        give_up = None                 # a request not to send twice: when to stop waiting
         while True:
             try:
                 head = sock.recv()
             except zmq.Again:
                 self._check(link, op, deadline, timeout)
-                if link.redials != redials:      # cut and made again: resend, or say so
-                    redials = link.redials
-                    self._after_redial(link, op, frame, bufs, deadline, timeout)
+                if link.redials != redials:      # cut and made again: the request or
+                    redials = link.redials       # its reply may have been on it
+                    if op in RESENDABLE:
+                        self._zsend(link, frame, bufs, op, deadline, timeout)
+                    elif give_up is None:        # it may still come (sent after the cut)
+                        give_up = time.monotonic() + REDIAL_GRACE_S
+                if give_up is not None and time.monotonic() >= give_up:
+                    raise DDictError(f"the connection to {link.describe()} was cut during "
+                                     f"{P.DD_OP_NAMES.get(op, op)}; it may or may not have "
+                                     f"happened")
                 continue
-            bufs = []
+            got = []
             while sock.getsockopt(zmq.RCVMORE):
-                bufs.append(sock.recv(copy=False))
+                got.append(sock.recv(copy=False))
             if self.key is not None:
                 try:
-                    head, *bufs = P.verify_frames(self.key, [head, *bufs])
+                    head, *got = P.verify_frames(self.key, [head, *got])
                 except P.ProtocolError:
                     continue
                 head = bytes(head)
@@ -327,14 +339,7 @@ class Connection:
             if r != rid:
                 continue
             link.zmq_only = False      # everything sent before was read
-            return Reply(status, vflags, arg, head[REP.size:], bufs)
-
-    def _after_redial(self, link: Link, op, frame, bufs, deadline, timeout):
-        """The request or its reply may have been on the link that was cut."""
-        if op not in RESENDABLE:
-            raise DDictError(f"the connection to {link.describe()} was cut during "
-                             f"{P.DD_OP_NAMES.get(op, op)}; it may or may not have happened")
-        self._zsend(link, frame, bufs, op, deadline, timeout)
+            return Reply(status, vflags, arg, head[REP.size:], got)
 
     # -- is it there? --------------------------------------------------------------------
     def _check(self, link: Link, op, deadline, timeout):

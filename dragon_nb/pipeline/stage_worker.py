@@ -62,7 +62,9 @@ class StageWorker:
         self.pull = self.zctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, spec["hwm"])
         address = net.bind(self.pull, spec["input"])
-        self.report = net.connect(self.zctx.socket(zmq.DEALER), spec["report"])
+        self.report = self.zctx.socket(zmq.DEALER)
+        self.report_redials = net.redials(self.report)
+        net.connect(self.report, spec["report"])
         self.report.send_multipart(self.codec.encode(P.BOUND, {
             "stage": spec["stage"], "index": spec["index"], "input": address}))
         self.counters = ctx.counters
@@ -91,8 +93,12 @@ class StageWorker:
         while not self.push.poll(POLL_MS, zmq.POLLOUT):
             if self.stopped():
                 raise _Stop()
-            _report_redials(self.redials, self.report, self.codec, self.spec["stage"])
+            self.report_links()
         self.push.send_multipart(frames, copy=False)
+
+    def report_links(self) -> None:
+        _report_redials((self.redials, self.report_redials), self.report, self.codec,
+                        self.spec["stage"])
 
     def process(self, body, payload, bufs):
         func, stage, name = self.func, self.spec["stage"], self.spec["name"]
@@ -142,7 +148,7 @@ class StageWorker:
                 events = dict(poller.poll(1000))
                 if self.control in events and self.stopped():
                     return 0
-                _report_redials(self.redials, self.report, self.codec, self.spec["stage"])
+                self.report_links()
                 if self.pull in events:
                     frames = self.pull.recv_multipart(copy=False)
                     try:
@@ -155,8 +161,9 @@ class StageWorker:
         except _Stop:
             return 0
         finally:
-            if self.redials is not None:
-                self.redials.close()
+            for watcher in (self.redials, self.report_redials):
+                if watcher is not None:
+                    watcher.close()
             for s in (self.pull, self.push, self.control):
                 s.close(linger=0)
             self.report.close(linger=1000)
@@ -181,11 +188,15 @@ def _connect_push(zctx, net, spec):
     return push, redials
 
 
-def _report_redials(redials, report, codec, stage: int) -> None:
+def _report_redials(watchers, report, codec, stage: int) -> None:
     """Tell the caller which of our links were cut and dialled again: the batches
-    on them are lost, and only the caller knows which those were."""
-    for endpoint in redials.poll() if redials is not None else ():
-        report.send_multipart(codec.encode(P.PIPE_LINK, {"stage": stage, "to": endpoint}))
+    on them are lost, and only the caller knows which those were. The report link
+    itself is watched too: a report sent on it as it was cut is lost, so its
+    redial is reported in turn (the caller feeds in again once more)."""
+    for redials in watchers:
+        for endpoint in redials.poll() if redials is not None else ():
+            report.send_multipart(codec.encode(P.PIPE_LINK, {"stage": stage,
+                                                             "to": endpoint}))
 
 
 def main(spec_bytes: bytes, ctx) -> int:
@@ -202,7 +213,10 @@ def source_main(spec_bytes: bytes, ctx) -> int:
     zctx = zmq.Context()
     net = ctx.network
     push, redials = _connect_push(zctx, net, spec)
-    report = net.connect(zctx.socket(zmq.DEALER), spec["report"])
+    report = zctx.socket(zmq.DEALER)
+    report_redials = net.redials(report)
+    net.connect(report, spec["report"])
+    watchers = (redials, report_redials)
     control = zctx.socket(zmq.SUB)
     control.setsockopt(zmq.SUBSCRIBE, b"")
     net.connect(control, spec["control"])
@@ -218,9 +232,9 @@ def source_main(spec_bytes: bytes, ctx) -> int:
         while not push.poll(POLL_MS, zmq.POLLOUT):
             if control.poll(0):
                 raise _Stop()
-            _report_redials(redials, report, codec, -1)
+            _report_redials(watchers, report, codec, -1)
         push.send_multipart(frames, copy=False)
-        _report_redials(redials, report, codec, -1)
+        _report_redials(watchers, report, codec, -1)
         ctx.counters.set(DONE, count)
         ctx.counters.publish()
         batch, seq = [], seq + 1
@@ -239,16 +253,20 @@ def source_main(spec_bytes: bytes, ctx) -> int:
                                  ctx.node, e)
         if batch:
             flush()
-        report.send_multipart(codec.encode(P.PIPE_END, {"batches": seq, "items": count},
-                                           [S.dumps_result(error)[0]]))
+        end = codec.encode(P.PIPE_END, {"batches": seq, "items": count},
+                           [S.dumps_result(error)[0]])
+        report.send_multipart(end)
         while not control.poll(1000):        # wait to be told to stop
-            _report_redials(redials, report, codec, -1)
+            if report_redials is not None and report_redials.poll():
+                report.send_multipart(end)   # it may have been lost on the cut link
+            _report_redials(watchers, report, codec, -1)
         return 0
     except _Stop:
         return 0
     finally:
-        if redials is not None:
-            redials.close()
+        for watcher in watchers:
+            if watcher is not None:
+                watcher.close()
         for s in (push, report, control):
             s.close(linger=1000)
         zctx.term()

@@ -348,19 +348,24 @@ class Dispatcher:
                     os.kill(w.pid, 0)
                 except ProcessLookupError:
                     self._worker_exited(w, None)
+                except PermissionError:      # there, but another user's (a joined agent)
+                    pass
         if not self.runtime.alive and self.state != "terminate":
             self._break(PoolBrokenError("the dragon-nb runtime stopped"))
             for w in self.workers.values():
                 self._worker_exited(w, None)
 
     def _signal(self, workers, sig):
-        local = [w for w in workers if w.node in self.local_nodes]
-        for w in local:
+        remote = [(w.node, w.pid) for w in workers if w.node not in self.local_nodes]
+        for w in workers:
+            if w.node not in self.local_nodes:
+                continue
             try:
                 os.kill(w.pid, sig)
             except ProcessLookupError:
                 pass
-        remote = [(w.node, w.pid) for w in workers if w.node not in self.local_nodes]
+            except PermissionError:          # another user's agent on this host: ask it
+                remote.append((w.node, w.pid))
         if remote and self.runtime.alive:
             try:
                 self.runtime.kill(remote, sig, wait=False)

@@ -290,9 +290,14 @@ class Head:
                                      "spec": body["spec"]}, to=self.nodes[n]["ident"])
 
     def kill_confirmed(self, ident, body):
-        """A client's kill: answered once every agent concerned has sent the signal,
-        so that what the caller does next meets the process already gone."""
-        by_node = self.by_node(body.get("procs", ()))
+        """A client's kill: answered once every agent concerned has sent the signal
+        (or its node was lost), so that what the caller does next meets the process
+        already signalled, not about to be."""
+        try:
+            sig = int(body.get("sig", signal.SIGTERM))
+            by_node = self.by_node(body.get("procs", ()))
+        except (TypeError, ValueError) as e:
+            return self.reply(ident, body.get("rid"), ok=False, error=f"bad kill: {e}")
         waiting = {n for n in by_node if self.nodes.get(n, {}).get("alive")}
         if not waiting:
             return self.reply(ident, body.get("rid"))
@@ -302,8 +307,7 @@ class Head:
                               "deadline": time.monotonic() + KILL_TIMEOUT_S}
         for n in waiting:
             self.router.send(P.REQ, {"op": "kill", "rid": hrid, "pids": by_node[n],
-                                     "sig": int(body.get("sig", signal.SIGTERM))},
-                             to=self.nodes[n]["ident"])
+                                     "sig": sig}, to=self.nodes[n]["ident"])
 
     def on_agent_reply(self, nid, body):
         pend = self.pending.get(body.get("rid"))

@@ -105,22 +105,30 @@ class Redials:
     """The links of a connecting socket that were cut and dialled again.
 
     zmq redials a cut TCP connection by itself, but what was on its way over it
-    is gone, and only the sender's socket sees it happen: a second CONNECTED for
-    the same endpoint. Whoever holds the sender is told, and sends again."""
+    is gone, and only the sender's socket sees it happen: a CONNECTED after a
+    DISCONNECTED, or a second one for an endpoint (libzmq may name an endpoint
+    differently the second time: resolved, or IPv4-mapped). Whoever holds the
+    sender is told, and sends again. A new endpoint connected after an old one was
+    lost also counts: one send too many, never one too few."""
 
     def __init__(self, sock: zmq.Socket):
         self.sock = sock
-        self.watch = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+        self.watch = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.seen: set[str] = set()
+        self.down = 0                  # links lost and not made again yet
 
     def poll(self) -> list[str]:
         """The endpoints dialled again since the last call."""
         again = []
         while self.watch.poll(0):
-            endpoint = zmq.utils.monitor.recv_monitor_message(self.watch)["endpoint"]
+            msg = zmq.utils.monitor.recv_monitor_message(self.watch)
+            endpoint = msg["endpoint"]
             endpoint = endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
-            if endpoint in self.seen:
+            if msg["event"] == zmq.EVENT_DISCONNECTED:
+                self.down += 1
+            elif endpoint in self.seen or self.down:
                 again.append(endpoint)
+                self.down = max(0, self.down - 1)
             self.seen.add(endpoint)
         return again
 
