@@ -78,8 +78,8 @@ class Link:
     """One manager, as this process reaches it."""
 
     __slots__ = ("mid", "node", "hostname", "address", "lane_path", "pid", "ctime",
-                 "pid_space", "zsock", "zslice", "lane", "lslice", "lane_usable", "zmq_only", "dead",
-                 "watch", "connected", "refused", "ever_connected", "redials")
+                 "pid_space", "zsock", "zslice", "lane", "lslice", "lane_usable", "zmq_only",
+                 "dead", "watch", "connected", "refused", "ever_connected", "redials")
 
     def __init__(self, mid, node, hostname, address, lane_path, pid, ctime, pid_space):
         self.mid, self.node, self.hostname = mid, node, hostname
@@ -491,7 +491,6 @@ class BatchWriter:
         self.id = int.from_bytes(os.urandom(8), "little") >> 1
         self.pending: dict[int, list] = {}      # mid -> [parts, bufs, bytes, count]
         self.sent: dict[int, int] = {}          # mid -> puts sent to it
-
 
     def add(self, mid: int, key: bytes, vflags: int, inline: bytes, bufs, flags: int = 0):
         p = self.pending.get(mid)

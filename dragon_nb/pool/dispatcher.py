@@ -158,7 +158,7 @@ class Dispatcher:
         self.maxtasks = maxtasks
         self.nodes = nodes
         self.owner = f"pool-{uuid.uuid4().hex[:12]}"
-        # nodes whose agents the head started: on this host, so pids can be signalled here
+        # nodes in this process's pid space: their workers' pids can be signalled here
         self.local_nodes = runtime.nodes_here()
         ctx = zmq_context()
         net = runtime.network

@@ -21,6 +21,7 @@ themselves: they call ``bind(sock, name)`` and ``connect(sock, address)``.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -220,26 +221,21 @@ def read_key_file(path: str) -> tuple[bytes, dict]:
 
 
 # --- where this process is ---------------------------------------------------------------
-_pid_space: str | None = None
-
-
+@functools.cache
 def pid_space() -> str:
     """Which processes this one can look at by pid: one kernel boot and one PID
     namespace. A hostname does not say it: a container on the host's network has
     the host's name but pids of its own."""
-    global _pid_space
-    if _pid_space is None:
-        try:
-            with open("/proc/sys/kernel/random/boot_id") as f:
-                boot = f.read().strip()
-        except OSError:
-            boot = socket.gethostname()
-        try:
-            namespace = os.stat("/proc/self/ns/pid").st_ino
-        except OSError:
-            namespace = 0
-        _pid_space = f"{boot}/{namespace}"
-    return _pid_space
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = socket.gethostname()
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{boot}/{namespace}"
 
 
 # --- interfaces --------------------------------------------------------------------------
