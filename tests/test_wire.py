@@ -56,9 +56,10 @@ def test_frames_split_or_merged_after_signing_no_longer_verify():
     for bad in (merged, moved):
         with pytest.raises(P.ProtocolError, match="signature"):
             codec.decode(bad)
-    raw = P.sign_frames(b"k" * 32, [b"head", b"buf"])
-    assert P.verify_frames(b"k" * 32, raw) == [b"head", b"buf"]
+    signer = P.FrameSigner(b"k" * 32)
+    raw = signer.sign([b"head", b"buf"])
+    assert P.FrameSigner(b"k" * 32).verify(raw) == [b"head", b"buf"]
     with pytest.raises(P.ProtocolError):
-        P.verify_frames(b"k" * 32, [b"headbuf", raw[-1]])
+        P.FrameSigner(b"k" * 32).verify([b"headbuf", *raw[2:]])
     with pytest.raises(P.ProtocolError):        # a DDict frame cannot pass for a message
-        codec.decode([P.REQ, raw[-1], b"head", b"buf"])
+        codec.decode([P.REQ, raw[-1], raw[-2], b"head", b"buf"])

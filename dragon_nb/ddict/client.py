@@ -30,10 +30,9 @@ from dragon_nb.ddict.pickling import dumps_key, dumps_value, loads_key, loads_va
 from dragon_nb.ddict.views import DDictItemsView, DDictKeysView, DDictValuesView
 from dragon_nb.runtime.client import get_runtime
 from dragon_nb.wire import protocol as P
+from dragon_nb.tunables import DEFAULT_TIMEOUT, WAIT_GRACE_S
 
-DEFAULT_TIMEOUT = 30.0            # timeout=None means this, not forever
 DDICT_MIN_SIZE = 3 * 1024 ** 2    # Dragon's default total_mem
-WAIT_GRACE_S = 1.0                # wait_for: how much longer than its timeout to wait
 MGET_KEYS = 512                   # values fetched per request when iterating
 _MISSING = object()
 

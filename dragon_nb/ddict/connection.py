@@ -36,10 +36,10 @@ from dragon_nb.ddict.errors import DDictError, DDictTimeoutError
 from dragon_nb.runtime import network
 from dragon_nb.runtime.client import zmq_context
 from dragon_nb.wire import protocol as P
+from dragon_nb.tunables import LANE_EXIT_WAIT_S, REDIAL_GRACE_S, REFUSALS_DEAD, SLICE_S
 
 REQ, REP, ENTRY = P.DD_REQUEST, P.DD_REPLY, P.DD_ENTRY
 BATCH_COUNT = struct.Struct("<Q")      # DD_BATCH_END's key: how many puts were sent
-SLICE_S = 0.1               # longest wait between two liveness checks
 # A lane reply is first awaited by polling for up to SPIN_S, yielding the CPU in
 # between, so that this process's CPU does not go idle: on a virtual machine,
 # waking an idle CPU costs tens of microseconds, more than the whole request
@@ -52,8 +52,6 @@ SLICE_S = 0.1               # longest wait between two liveness checks
 SPIN_S = 50e-6
 YIELD_BUSY_S = 10e-6
 LANE_RECV = P.DD_LANE_MAX + 64
-EXIT_WAIT_S = 1.0           # a manager whose lane closed is given this long to be seen dead
-REFUSALS_DEAD = 3           # a lost TCP link to a manager that fails to reconnect this often
 # Requests that may be sent again when their TCP link was cut and dialled again (the
 # request or its reply may have been lost on it): doing them twice is doing them once.
 # The others (pop, fetch_add, clear, freeze, destroy) fail, after a grace for a reply
@@ -63,7 +61,6 @@ REFUSALS_DEAD = 3           # a lost TCP link to a manager that fails to reconne
 RESENDABLE = frozenset((P.DD_PING, P.DD_PUT, P.DD_GET, P.DD_CONTAINS, P.DD_LEN, P.DD_KEYS,
                         P.DD_MGET, P.DD_STATS, P.DD_IS_FROZEN, P.DD_WAIT_FOR,
                         P.DD_BATCH_END))
-REDIAL_GRACE_S = 1.0        # how long the reply to a request not re-sent is still awaited
 
 
 class Reply(NamedTuple):
@@ -111,6 +108,7 @@ class Connection:
         # process takes that process's
         self.net = net if net is not None else network.current()
         self.key = self.net.key if self.net is not None else None   # signs every frame
+        self.signer = P.FrameSigner(self.key)
         self._rid = 0
         self._finalizer = weakref.finalize(self, _close_links, self.links, self.pid)
 
@@ -285,7 +283,7 @@ class Connection:
         elif link.watch is not None:
             self._watch(link)    # a redial before this request is not one during it
         if self.key is not None:
-            bufs = P.sign_frames(self.key, [frame, *bufs])[1:]
+            bufs = self.signer.sign([frame, *bufs])[1:]
         while True:
             try:
                 if bufs:
@@ -329,7 +327,7 @@ class Connection:
                 got.append(sock.recv(copy=False))
             if self.key is not None:
                 try:
-                    head, *got = P.verify_frames(self.key, [head, *got])
+                    head, *got = self.signer.verify([head, *got])
                 except P.ProtocolError:
                     continue
                 head = bytes(head)
@@ -351,7 +349,7 @@ class Connection:
 
     def _wait_dead(self, link: Link, op):
         """The lane closed under a request: the manager is exiting. Report it."""
-        end = time.monotonic() + EXIT_WAIT_S
+        end = time.monotonic() + LANE_EXIT_WAIT_S
         while time.monotonic() < end:
             if not self.alive(link):
                 raise self._mark_dead(link)

@@ -28,9 +28,9 @@ from dragon_nb.ddict.errors import DDictError
 from dragon_nb.runtime import network
 from dragon_nb.runtime.client import Runtime, zmq_context
 from dragon_nb.wire import protocol as P
+from dragon_nb.tunables import DESTROY_EXIT_WAIT_S
 
 MANAGER_ENTRY = "dragon_nb.ddict.manager:main"
-EXIT_WAIT_S = 2.0            # destroy: how long managers get to exit before SIGKILL
 
 # Dragon's constructor options: those that only tune Dragon's implementation are
 # accepted and ignored; the others must keep their default (no checkpoints here).
@@ -162,7 +162,7 @@ def reap_managers(rt, managers) -> None:
             procs.append(psutil.Process(m[5]))
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=EXIT_WAIT_S)
+    _, alive = psutil.wait_procs(procs, timeout=DESTROY_EXIT_WAIT_S)
     late = {p.pid for p in alive}
     kill_managers(rt, [m for m in managers if m[5] in late])
 

@@ -39,12 +39,11 @@ import zmq
 from dragon_nb.ddict.store import Shard
 from dragon_nb.runtime.counters import BYTES, KEYS
 from dragon_nb.wire import protocol as P
+from dragon_nb.tunables import IDLE_S, PUBLISH_EVERY_S
 
 log = logging.getLogger("dragon_nb.ddict")
 _dropped = P.DropLog(log)
 
-PUBLISH_EVERY_S = 0.05
-IDLE_S = 0.5
 ZMQ_BURST = 256          # zmq messages served before looking at the lane again
 
 
@@ -59,6 +58,7 @@ class Manager:
         _raise_fd_limit()
         net = ctx.network
         self.key = net.key
+        self.signer = P.FrameSigner(net.key)
         self.lanes: dict[int, socket.socket] = {}
         self.epoll = select.epoll()
         self.listener = None
@@ -105,7 +105,7 @@ class Manager:
                     bufs.append(router.recv(copy=False))
             if self.key is not None:
                 try:
-                    frame, *bufs = P.verify_frames(self.key, [frame, *bufs])
+                    frame, *bufs = self.signer.verify([frame, *bufs])
                 except (P.ProtocolError, ValueError) as e:
                     _dropped("manager %s: dropped a message: %s", self.shard.mid, e)
                     continue
@@ -119,7 +119,7 @@ class Manager:
     def send_zmq(self, ident: bytes, out):
         head, bufs = out
         if self.key is not None:
-            bufs = P.sign_frames(self.key, [head, *bufs])[1:]
+            bufs = self.signer.sign([head, *bufs])[1:]
         try:
             if bufs:
                 self.router.send(ident, zmq.SNDMORE | zmq.NOBLOCK)

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 import zmq
 
 from dragon_nb.checks import is_int, node_ids, positive_int
+from dragon_nb.errors import PipelineError
 from dragon_nb.pipeline.ledger import Ledger, TooManyRetries
 from dragon_nb.runtime.client import (Runtime, drain_events, exit_reason, get_runtime,
                                       register_entry_module, zmq_context)
 from dragon_nb.runtime.launch import caller_environment
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
+from dragon_nb.tunables import BATCH_TARGET_S
 
 register_entry_module("dragon_nb.pipeline.stage_worker")
 
@@ -38,11 +40,6 @@ SOURCE_ENTRY = "dragon_nb.pipeline.stage_worker:source_main"
 log = logging.getLogger("dragon_nb.pipeline")
 
 MAX_BATCH = 256
-BATCH_TARGET_S = 0.005      # aim for about this much work per batch
-
-
-class PipelineError(RuntimeError):
-    """The pipeline cannot go on: a stage worker died, or it was closed."""
 
 
 @dataclass
@@ -186,7 +183,7 @@ class Pipeline:
                 self.source_push = ctx.socket(zmq.PUSH)
                 self.source_push.setsockopt(zmq.SNDHWM, self.hwm)
                 self.source_push.setsockopt(zmq.IMMEDIATE, 1)   # never to a dead worker
-                self.feed_redials = net.redials(self.source_push)
+                self.feed_redials = net.watch_links(self.source_push)
                 for addr in outputs:
                     net.connect(self.source_push, addr)
                 self.feeder = threading.Thread(target=self._feed, args=(iter(source),),
@@ -404,14 +401,14 @@ class Pipeline:
             return
         poller = zmq.Poller()
         poller.register(self.sink, zmq.POLLIN)
-        poller.register(self.exits, zmq.POLLIN)
+        poller.register(self.exits.sock, zmq.POLLIN)
         if self.report is not None:
             poller.register(self.report, zmq.POLLIN)
         events = dict(poller.poll(500))
         if not events and not self.runtime.alive:     # no head left to report deaths
             self.close()
             raise PipelineError("the dragon-nb runtime stopped under the pipeline")
-        if self.exits in events:
+        if self.exits.sock in events:
             self._on_exit()
         if self.report is not None and self.report in events:
             _, *frames = self.report.recv_multipart()

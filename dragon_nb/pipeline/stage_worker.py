@@ -23,8 +23,8 @@ from dragon_nb.runtime.counters import DONE, ITEMS, RUNNING
 from dragon_nb.runtime.launch import adopt_caller_environment
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
+from dragon_nb.tunables import STAGE_POLL_MS
 
-POLL_MS = 200
 
 
 class StageFailure:
@@ -63,7 +63,7 @@ class StageWorker:
         self.pull.setsockopt(zmq.RCVHWM, spec["hwm"])
         address = net.bind(self.pull, spec["input"])
         self.report = self.zctx.socket(zmq.DEALER)
-        self.report_redials = net.redials(self.report)
+        self.report_redials = net.watch_links(self.report)
         net.connect(self.report, spec["report"])
         self.report.send_multipart(self.codec.encode(P.BOUND, {
             "stage": spec["stage"], "index": spec["index"], "input": address}))
@@ -90,7 +90,7 @@ class StageWorker:
 
     def send(self, frames) -> None:
         """Blocking send downstream (that is the backpressure), but stoppable."""
-        while not self.push.poll(POLL_MS, zmq.POLLOUT):
+        while not self.push.poll(STAGE_POLL_MS, zmq.POLLOUT):
             if self.stopped():
                 raise _Stop()
             self.report_links()
@@ -182,7 +182,7 @@ def _connect_push(zctx, net, spec):
     push = zctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, spec["hwm"])
     push.setsockopt(zmq.IMMEDIATE, 1)        # never queue for a worker that has gone
-    redials = net.redials(push)
+    redials = net.watch_links(push)
     for addr in spec["outputs"]:
         net.connect(push, addr)
     return push, redials
@@ -214,7 +214,7 @@ def source_main(spec_bytes: bytes, ctx) -> int:
     net = ctx.network
     push, redials = _connect_push(zctx, net, spec)
     report = zctx.socket(zmq.DEALER)
-    report_redials = net.redials(report)
+    report_redials = net.watch_links(report)
     net.connect(report, spec["report"])
     watchers = (redials, report_redials)
     control = zctx.socket(zmq.SUB)
@@ -229,7 +229,7 @@ def source_main(spec_bytes: bytes, ctx) -> int:
         data, bufs = S.dumps_work((batch, {}))
         frames = codec.encode(P.PIPE_ITEMS, {"seq": seq, "start": count - len(batch)},
                               [data, *bufs])
-        while not push.poll(POLL_MS, zmq.POLLOUT):
+        while not push.poll(STAGE_POLL_MS, zmq.POLLOUT):
             if control.poll(0):
                 raise _Stop()
             _report_redials(watchers, report, codec, -1)

@@ -27,21 +27,19 @@ import weakref
 
 import zmq
 
+from dragon_nb.errors import CallCancelledError, PoolBrokenError, WorkerLostError
 from dragon_nb.pool.worker import APPLY
 from dragon_nb.runtime.client import drain_events, exit_reason, zmq_context
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
+from dragon_nb.tunables import EXIT_GRACE_S, LIVENESS_S, TARGET_QUEUED_S, TASK_RETRIES
 
 log = logging.getLogger("dragon_nb.pool")
 _dropped = P.DropLog(log)
 
-TARGET_QUEUED_S = 0.02        # work a worker should hold queued
 MAX_WINDOW = 256
 START_WINDOW = 2
 MAX_BATCH_BYTES = 4 << 20
-LIVENESS_S = 0.5
-EXIT_GRACE_S = 0.2            # results sent just before an exit may still be in flight
-TASK_RETRIES = 1              # a chunk lost with its worker runs again at most this often
 WORKER_ENTRY = "dragon_nb.pool.worker:main"
 
 
@@ -57,18 +55,6 @@ def _emit(context, stream: str, text: str) -> None:
             write()
     except Exception:
         log.debug("could not write worker output", exc_info=True)
-
-
-class WorkerLostError(RuntimeError):
-    """A worker died while running a chunk that had already been retried."""
-
-
-class CallCancelledError(RuntimeError):
-    """The call was cancelled (an interrupt while waiting, or ``close()`` of an imap)."""
-
-
-class PoolBrokenError(RuntimeError):
-    """The pool cannot run tasks (its initializer failed, or its runtime stopped)."""
 
 
 class WorkerHandle:
@@ -585,7 +571,7 @@ class Dispatcher:
     def _run(self):
         poller = zmq.Poller()
         poller.register(self.router.sock, zmq.POLLIN)
-        poller.register(self.sub, zmq.POLLIN)
+        poller.register(self.sub.sock, zmq.POLLIN)
         poller.register(self.wake_r, zmq.POLLIN)
         last_live = time.monotonic()
         terminate_deadline = None
@@ -611,7 +597,7 @@ class Dispatcher:
                             _dropped("dropped malformed message: %s", e)
                             continue
                         self._on_message(ident, kind, body, bufs)
-                if self.sub in events:
+                if self.sub.sock in events:
                     self._on_exit_events()
                 now = time.monotonic()
                 if now - last_live >= LIVENESS_S:

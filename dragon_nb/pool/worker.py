@@ -24,24 +24,18 @@ import traceback
 
 import zmq
 
+from dragon_nb.errors import TaskExitError
 from dragon_nb.runtime.counters import BUSY_US, DONE, QDEPTH, RUNNING
 from dragon_nb.runtime.launch import adopt_caller_environment
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
+from dragon_nb.tunables import FLUSH_EVERY_S, IDLE_POLL_MS, OUTPUT_FLUSH_S
 
 APPLY, MAP, STARMAP = 0, 1, 2
-FLUSH_EVERY_S = 0.005
 FLUSH_BYTES = 1 << 20
 FUNC_CACHE = 256
-IDLE_POLL_MS = 1000
-OUTPUT_FLUSH_S = 0.2           # a print shows up in the caller within about this
 OUTPUT_FLUSH_BYTES = 8192
 OUTPUT_RATE = 64 * 1024        # bytes per second a worker may print; the rest is dropped
-
-
-class TaskExitError(RuntimeError):
-    """A task raised SystemExit or KeyboardInterrupt: reported, not obeyed, so it
-    neither ends the worker nor the caller that receives it."""
 
 
 class TaskCancelled(BaseException):
@@ -127,7 +121,7 @@ class Worker:
         sock.setsockopt(zmq.LINGER, 2000)
         # on TCP, zmq may drop a connection and dial it again: the pool then has to
         # hear hello again, or it waits for results of tasks that were lost on the way
-        self.redials = net.redials(sock)
+        self.redials = net.watch_links(sock)
         net.connect(sock, spec["address"])
         self.chan = P.Channel(sock, net.codec())
         self.queue: collections.deque = collections.deque()

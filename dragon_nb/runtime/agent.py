@@ -16,6 +16,7 @@ and, when launched with the key on standard input, while that pipe is open.
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import logging
 import os
@@ -32,14 +33,13 @@ import zmq
 from dragon_nb.runtime import launch, network
 from dragon_nb.runtime.counters import CUMULATIVE, FIELDS, CounterBlock, Counters
 from dragon_nb.wire import protocol as P
+from dragon_nb.tunables import (HEAD_TIMEOUT_S, JOIN_TIMEOUT_S, OWNER_GRACE_S, STOP_TERM_S,
+                                TELEMETRY_INTERVAL_S)
 
 log = logging.getLogger("dragon_nb.agent")
 _dropped = P.DropLog(log)
 
-JOIN_TIMEOUT_S = 10.0      # a head that does not welcome us by then: wrong key or address
-HEAD_TIMEOUT_S = 10.0      # an agent on another host that hears nothing this long stops
 ENTRY_PACKAGE = "dragon_nb."   # service entry points are dragon-nb's own, nothing else
-OWNER_GRACE_S = 2.0        # an owner with no process left is reported this long, then folded
 
 
 @dataclass
@@ -63,7 +63,13 @@ class Child:
     ps: psutil.Process | None = None
 
 
+HANDLERS = P.Handlers("agent")
+
+
 class Agent:
+    """One node's agent: its children, their counters, and a handler per message
+    from the head (``HANDLERS``)."""
+
     def __init__(self, args, net: network.Network):
         self.args = args
         self.net = net
@@ -78,6 +84,7 @@ class Agent:
         self.retired: dict[str, list] = {}     # owner -> summed counters of exited children
         self.retired_at: dict[str, float] = {}  # owner -> when its last child exited
         self.folded = [0] * len(FIELDS)         # running totals of owners long gone
+        self.recent_exits: collections.deque = collections.deque(maxlen=256)  # (pid, code)
         self.lifeline_fd = args.lifeline_fd
         self.pid = os.getpid()
         # wake the poll loop on SIGCHLD
@@ -94,6 +101,8 @@ class Agent:
         net.connect(self.chan.sock, args.head)
         self.heard = time.monotonic()
         self.self_ps = psutil.Process()
+        self.running = True
+        self.dispatch = HANDLERS.bind(self)
 
     # -- spawning -------------------------------------------------------------
     def spawn(self, body):
@@ -177,7 +186,8 @@ class Agent:
             self.retired_at[child.owner] = time.monotonic()
             exited.append((pid, code))
         if exited:
-            self.chan.send(P.EVT, {"op": "exited", "node": self.node, "procs": exited})
+            self.recent_exits.extend(exited)
+            self.chan.send(P.EVT, {"op": P.Op.EXITED, "node": self.node, "procs": exited})
 
     # -- telemetry --------------------------------------------------------------
     def telemetry(self):
@@ -209,8 +219,11 @@ class Agent:
             o = owners.setdefault(owner, {"procs": 0, **{f: 0 for f in FIELDS}})
             for f in CUMULATIVE:
                 o[FIELDS[f]] += acc[f]
+        # every live child, and the last exits: the head reconciles its table with
+        # them should an ``exited`` event be lost on a cut link
         self.chan.send(P.EVT, {
-            "op": "telemetry", "node": self.node, "hostname": self.hostname,
+            "op": P.Op.TELEMETRY, "node": self.node, "hostname": self.hostname,
+            "pids": list(self.children), "exits": list(self.recent_exits),
             "time": time.time(), "procs": len(self.children),
             "done": sum(o["done"] for o in owners.values()) + self.folded[FIELDS.index("done")],
             "running": sum(o["running"] for o in owners.values()),
@@ -224,7 +237,7 @@ class Agent:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 1.0
+        deadline = time.monotonic() + STOP_TERM_S
         while self.children and time.monotonic() < deadline:
             self.reap()
             time.sleep(0.01)
@@ -240,7 +253,7 @@ class Agent:
 
     def join(self) -> None:
         """Register with the head; a joining agent waits to be welcomed and named."""
-        self.chan.send(P.EVT, {"op": "register", "node": self.node, "name": self.args.name,
+        self.chan.send(P.EVT, {"op": P.Op.REGISTER, "node": self.node, "name": self.args.name,
                                "hostname": self.hostname, "pid": self.pid,
                                "pid_space": network.pid_space(),
                                "cpus": self.cpus, "physical_mem": self.mem,
@@ -256,15 +269,15 @@ class Agent:
             except P.ProtocolError as e:
                 _dropped("dropped a message that fails the check: %s", e)
                 continue
-            if isinstance(body, dict) and body.get("op") == "welcome":
+            if isinstance(body, dict) and body.get("op") == P.Op.WELCOME:
                 self.node = int(body["node"])
-                self.args.telemetry_interval = float(body.get("telemetry_interval", 0.25))
+                self.args.telemetry_interval = float(body.get("telemetry_interval", TELEMETRY_INTERVAL_S))
                 for module in filter(None, (body.get("preload") or "").split(",")):
                     importlib.import_module(module)
                 log.info("joined %s as node %s", self.args.head, self.node)
                 self.heard = time.monotonic()
                 return
-            if isinstance(body, dict) and body.get("op") == "goodbye":
+            if isinstance(body, dict) and body.get("op") == P.Op.GOODBYE:
                 raise SystemExit(f"dragon-nb agent: the head sent this agent away: "
                                  f"{body.get('why')}")
         raise SystemExit(f"dragon-nb agent: the head at {self.args.head} did not welcome "
@@ -287,7 +300,6 @@ class Agent:
             poller.register(self.lifeline_fd, zmq.POLLIN)
         interval = self.args.telemetry_interval
         next_tel = time.monotonic()
-        self.running = True
         while self.running:
             timeout = max(0.0, next_tel - time.monotonic())
             events = dict(poller.poll(timeout * 1000))
@@ -301,32 +313,7 @@ class Agent:
                     pass
             self.reap()
             if self.chan.sock in events:
-                while True:
-                    try:
-                        _, kind, body, _ = self.chan.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    except P.ProtocolError as e:
-                        _dropped("dropped malformed message: %s", e)
-                        continue
-                    if not isinstance(body, dict):
-                        continue
-                    self.heard = time.monotonic()
-                    op = body.get("op")
-                    if op == "goodbye":
-                        log.warning("the head sent this agent away: %s", body.get("why"))
-                        self.running = False
-                    elif kind == P.REQ and op == "spawn":
-                        try:
-                            pids = self.spawn(body)
-                            self.chan.send(P.REP, {"rid": body["rid"], "ok": True, "pids": pids})
-                        except Exception as e:
-                            self.chan.send(P.REP, {"rid": body["rid"], "ok": False,
-                                                   "error": f"node {self.node}: {e}"})
-                    elif op == "kill":
-                        self.kill(body.get("pids", ()), body.get("sig", signal.SIGTERM))
-                        if kind == P.REQ:        # a client waits on it: say it is sent
-                            self.chan.send(P.REP, {"rid": body["rid"], "ok": True})
+                self.read_messages()
             if time.monotonic() >= next_tel:
                 self.telemetry()
                 next_tel = time.monotonic() + interval
@@ -335,9 +322,52 @@ class Agent:
                 break
         self.stop_children()
         if self.joining:
-            self.chan.send(P.EVT, {"op": "leaving", "why": "its agent stopped"})
+            self.chan.send(P.EVT, {"op": P.Op.LEAVING, "why": "its agent stopped"})
         self.chan.close(linger=500 if self.joining else 0)
         self.ctx.term()
+
+    # -- what the head says -----------------------------------------------------------
+    def read_messages(self):
+        for _ident, kind, body, _bufs in self.chan.drain(_dropped):
+            if not isinstance(body, dict):
+                continue
+            self.heard = time.monotonic()
+            try:
+                self.dispatch(kind, body)
+            except Exception as e:             # a well-signed but nonsensical message
+                _dropped("dropped a %r message it could not act on: %r", kind, e)
+
+    @HANDLERS.on(P.EVT, P.Op.GOODBYE)
+    def on_goodbye(self, body):
+        log.warning("the head sent this agent away: %s", body.get("why"))
+        self.running = False
+
+    @HANDLERS.on(P.EVT, P.Op.PING)
+    def on_ping(self, body):
+        """Nothing to do: hearing it is the point (``heard``)."""
+
+    @HANDLERS.on(P.EVT, P.Op.WELCOME)
+    def on_welcome_again(self, body):
+        """The head answered a registration sent again: nothing new."""
+
+    @HANDLERS.on(P.REQ, P.Op.SPAWN)
+    def on_spawn(self, body):
+        try:
+            pids = self.spawn(body)
+            self.chan.send(P.REP, {"rid": body["rid"], "ok": True, "pids": pids})
+        except Exception as e:
+            self.chan.send(P.REP, {"rid": body["rid"], "ok": False,
+                                   "error": f"node {self.node}: {e}"})
+
+    @HANDLERS.on(P.REQ, P.Op.KILL)
+    def on_kill_confirmed(self, body):
+        """A client waits on it: say when it is sent."""
+        self.kill(body.get("pids", ()), body.get("sig", signal.SIGTERM))
+        self.chan.send(P.REP, {"rid": body["rid"], "ok": True})
+
+    @HANDLERS.on(P.EVT, P.Op.KILL)
+    def on_kill(self, body):
+        self.kill(body.get("pids", ()), body.get("sig", signal.SIGTERM))
 
 
 def arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -353,7 +383,8 @@ def arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--node", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cpus", default="", help="cores to report (default: this host's)")
     ap.add_argument("--mem", type=int, default=0, help="memory to report, bytes")
-    ap.add_argument("--telemetry-interval", type=float, default=0.25, help=argparse.SUPPRESS)
+    ap.add_argument("--telemetry-interval", type=float, default=TELEMETRY_INTERVAL_S,
+                    help=argparse.SUPPRESS)
     ap.add_argument("--preload", default="", help=argparse.SUPPRESS)
     ap.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)

@@ -16,11 +16,12 @@ import weakref
 
 import zmq
 
+from dragon_nb.errors import RuntimeRequestError, RuntimeStoppedError, RuntimeTimeoutError
 from dragon_nb.runtime import hosts as hosts_mod
 from dragon_nb.runtime import launch, network
 from dragon_nb.wire import protocol as P
+from dragon_nb.tunables import DEFAULT_TIMEOUT, KILL_NOWAIT_LOCK_S
 
-DEFAULT_TIMEOUT = 30.0
 
 # Modules whose entry points agents may fork; features register theirs at import
 # so agents import them before forking (the runtime never imports a feature).
@@ -113,7 +114,7 @@ class Runtime:
             self.address = f"ipc://{self.rundir}/head"
             self._chan = P.Channel(zmq_context().socket(zmq.DEALER), self.network.codec())
             self.network.connect(self._chan.sock, self.address)
-            reply = self.request("ready", timeout=timeout + 10.0 * bool(hosts))
+            reply = self.request(P.Op.READY, timeout=timeout + 10.0 * bool(hosts))
         except BaseException:
             self._abort()
             raise
@@ -129,9 +130,9 @@ class Runtime:
     def request(self, op: str, timeout: float | None = None, **body) -> dict:
         """Send ``op`` to the head and wait for its reply; errors raise."""
         if self._closed:
-            raise RuntimeError("the dragon-nb runtime has been stopped")
+            raise RuntimeStoppedError("the dragon-nb runtime has been stopped")
         if os.getpid() != self.pid:
-            raise RuntimeError("a dragon-nb runtime cannot be used from a forked child")
+            raise RuntimeStoppedError("a dragon-nb runtime cannot be used from a forked child")
         timeout = self.timeout if timeout is None else timeout
         with self._lock:
             rid = next(self._rids)
@@ -140,7 +141,7 @@ class Runtime:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"the runtime head did not answer {op!r} "
+                    raise RuntimeTimeoutError(f"the runtime head did not answer {op!r} "
                                        f"within {timeout:g} s")
                 if self._chan.sock.poll(min(left, 0.2) * 1000):
                     try:
@@ -150,10 +151,10 @@ class Runtime:
                     if kind == P.REP and isinstance(reply, dict) and reply.get("rid") == rid:
                         break
                 elif self._proc.poll() is not None:
-                    raise RuntimeError(f"the runtime head exited "
+                    raise RuntimeStoppedError(f"the runtime head exited "
                                        f"(code {self._proc.returncode})")
         if not reply.get("ok", False):
-            raise RuntimeError(reply.get("error") or f"{op} failed")
+            raise RuntimeRequestError(reply.get("error") or f"{op} failed")
         return reply
 
     # -- what features use ------------------------------------------------------------
@@ -163,7 +164,7 @@ class Runtime:
 
     def nodes(self, refresh: bool = False) -> list[dict]:
         if refresh:
-            self._nodes = self.request("nodes")["nodes"]
+            self._nodes = self.request(P.Op.NODES)["nodes"]
         return self._nodes
 
     def nodes_here(self) -> set[int]:
@@ -188,37 +189,36 @@ class Runtime:
         """Start ``count`` processes running ``entry(spec, ctx)``; -> [(node, pid)]."""
         timeout = self.timeout if timeout is None else timeout
         # the head gives up a little before we do, and kills what was started meanwhile
-        reply = self.request("spawn", entry=entry, spec=spec, count=count, owner=owner,
+        reply = self.request(P.Op.SPAWN, entry=entry, spec=spec, count=count, owner=owner,
                              nodes=list(nodes) if nodes is not None else None,
                              within=max(0.1, timeout - 0.5), timeout=timeout)
         return [tuple(p) for p in reply["procs"]]
 
     def kill(self, procs, sig: int = signal.SIGTERM, wait: bool = True) -> None:
-        """Signal processes through their agents. ``wait=False`` sends the request and
-        returns (a thread that must not block on the head: the pool's I/O thread)."""
+        """Signal processes through their agents: once the agents have sent it, or,
+        with ``wait=False``, as a message nobody answers (for a thread that must
+        not block on the head: the pool's I/O thread)."""
         procs = [tuple(p) for p in procs]
         if wait:
-            self.request("kill", procs=procs, sig=int(sig))
+            self.request(P.Op.KILL, procs=procs, sig=int(sig))
             return
         if self._closed or os.getpid() != self.pid:
             return
-        if not self._lock.acquire(timeout=1.0):   # someone waits on the head: not us
-            raise TimeoutError("the runtime handle is busy; the signal was not sent")
-        try:                          # its reply is skipped by the next request's wait
-            self._chan.send(P.REQ, {"op": "kill", "rid": next(self._rids),
-                                    "procs": procs, "sig": int(sig)})
+        if not self._lock.acquire(timeout=KILL_NOWAIT_LOCK_S):   # someone waits on the head
+            raise RuntimeTimeoutError("the runtime handle is busy; the signal was not sent")
+        try:
+            self._chan.send(P.EVT, {"op": P.Op.SIGNAL, "procs": procs, "sig": int(sig)})
         finally:
             self._lock.release()
 
-    def subscribe(self, *topics: bytes, context: zmq.Context | None = None) -> zmq.Socket:
-        """A SUB socket on the head's event stream (telemetry, exits, nodes);
-        read it with ``drain_events``."""
+    def subscribe(self, *topics: bytes, context: zmq.Context | None = None) -> P.Channel:
+        """A channel on the head's event stream (telemetry, exits, nodes): read it
+        with ``drain_events``; poll ``.sock``."""
         sock = (context or zmq_context()).socket(zmq.SUB)
-        _event_codecs[sock] = self.network.codec()
         for t in topics:
             sock.setsockopt(zmq.SUBSCRIBE, t)
         self.network.connect(sock, self.events_address)
-        return sock
+        return P.Channel(sock, self.network.codec(), subscribed=True)
 
     # -- lifecycle ------------------------------------------------------------------
     def stop(self, timeout: float = 5.0) -> None:
@@ -227,7 +227,7 @@ class Runtime:
         try:
             if os.getpid() == self.pid and self._proc.poll() is None:
                 try:
-                    self.request("shutdown", timeout=timeout)
+                    self.request(P.Op.SHUTDOWN, timeout=timeout)
                 except Exception:
                     pass
         finally:
@@ -264,22 +264,10 @@ class Runtime:
         return f"<dragon_nb.Runtime {state} nodes={self.n_nodes}{where} dir={self.rundir}>"
 
 
-_EVENT_CODEC = P.Codec()
-_event_codecs: "weakref.WeakKeyDictionary[zmq.Socket, P.Codec]" = weakref.WeakKeyDictionary()
-
-
-def drain_events(sock: zmq.Socket):
-    """Yield the body of every event waiting on a ``subscribe`` socket, without
+def drain_events(chan: P.Channel):
+    """Yield the body of every event waiting on a ``subscribe`` channel, without
     blocking; a malformed one is skipped."""
-    while True:
-        try:
-            frames = sock.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        try:
-            _, body, _ = _event_codecs.get(sock, _EVENT_CODEC).decode(frames[1:])
-        except P.ProtocolError:
-            continue
+    for _topic, _kind, body, _bufs in chan.drain():
         if isinstance(body, dict):
             yield body
 
@@ -352,7 +340,7 @@ def start(nodes: int | None = None, workers_per_node: int | None = None,
     global _current
     with _current_lock:
         if _current is not None and _current.alive:
-            raise RuntimeError(f"a dragon-nb runtime is already running: {_current!r}; "
+            raise RuntimeRequestError(f"a dragon-nb runtime is already running: {_current!r}; "
                                f"call dragon_nb.stop() first")
         if _current is not None and _current.pid == os.getpid():
             _current.stop()          # its head died: what it left goes before a new one

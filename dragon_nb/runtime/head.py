@@ -30,18 +30,15 @@ import zmq
 
 from dragon_nb.runtime import hosts as hosts_mod
 from dragon_nb.runtime import launch, network
+from dragon_nb.runtime.records import NodeRecord, NodeState, Pending
 from dragon_nb.wire import protocol as P
+from dragon_nb.tunables import (AGENT_POLL_S, JOIN_GRACE_S, KILL_TIMEOUT_S, NODE_TIMEOUT_S,
+                                PING_S, SHUTDOWN_GRACE_S, SPAWN_TIMEOUT_S,
+                                TELEMETRY_INTERVAL_S)
 
 log = logging.getLogger("dragon_nb.head")
 _dropped = P.DropLog(log)
 
-AGENT_POLL_S = 0.1
-SHUTDOWN_GRACE_S = 2.0
-NODE_TIMEOUT_S = 3.0       # an agent on another host silent this long is lost
-SPAWN_TIMEOUT_S = 30.0     # a spawn some node has not answered by then fails whole
-KILL_TIMEOUT_S = 5.0       # a kill some node has not confirmed by then is answered anyway
-PING_S = 1.0               # how often agents on other hosts hear from the head
-JOIN_GRACE_S = 10.0        # more silence allowed to an agent that has just joined
 
 
 def split_host(nodes: int, cpus_per_node: int | None = None) -> list[dict]:
@@ -66,7 +63,13 @@ def split_host(nodes: int, cpus_per_node: int | None = None) -> list[dict]:
     return out
 
 
+HANDLERS = P.Handlers("head")
+
+
 class Head:
+    """The head's state (the node and process tables, requests waiting on agents)
+    and its handlers, one per message it takes (``HANDLERS``)."""
+
     def __init__(self, args):
         self.args = args
         self.rundir = args.rundir
@@ -88,20 +91,22 @@ class Head:
         if self.net.tcp:
             self.tcp_address = self.net.bind(self.router.sock, "head", args.port)
             network.write_connection_file(args.key_file, key, head=self.tcp_address)
-        self.nodes: dict[int, dict] = {}           # node id -> info (+ "ident", "alive")
+        self.nodes: dict[int, NodeRecord] = {}
         self.agents: dict[int, tuple] = {}         # node id -> (Popen, lifeline wfd)
         self.launched: list[tuple] = []            # (host, Popen) of launchers
         self.procs: dict[tuple, str] = {}          # (node, pid) -> owner
         self.ident_to_node: dict[bytes, int] = {}
         self.next_node = args.nodes
         self.rids = itertools.count(1)
-        self.pending: dict[int, dict] = {}          # head rid -> pending client request
+        self.pending: dict[int, Pending] = {}       # head rid -> a client request
         self.abandoned: list[int] = []              # failed requests some nodes still answer
         self.ready_waiters: list[tuple] = []
         hosts = [h for h in (args.hosts or "").split(",") if h]
         self.expected_nodes = args.nodes + len(hosts)
         self.hosts = hosts
+        self.dropped = 0
         self.running = True
+        self.dispatch = HANDLERS.bind(self)
 
     # -- agents -------------------------------------------------------------
     def start_agents(self):
@@ -117,9 +122,10 @@ class Head:
                 "--preload", self.args.preload or "",
                 "--parent-pid", str(os.getpid()), *net_args])
             self.agents[info["id"]] = (proc, wfd)
-            info.update(alive=False, ident=None, agent_pid=proc.pid,
-                        address=self.net.host)
-            self.nodes[info["id"]] = info
+            self.nodes[info["id"]] = NodeRecord(
+                id=info["id"], name=info["name"], hostname=info["hostname"],
+                cpus=info["cpus"], physical_mem=info["physical_mem"],
+                virtual=info["virtual"], agent_pid=proc.pid, address=self.net.host)
         self.launch_hosts()
 
     def launch_hosts(self):
@@ -151,7 +157,7 @@ class Head:
     def check_agents(self):
         for nid, (proc, _) in list(self.agents.items()):
             code = proc.poll()
-            if code is not None and self.nodes[nid].get("alive", False) is not None:
+            if code is not None and self.nodes[nid].state is not NodeState.STOPPING:
                 self.node_lost(nid, f"agent exited with code {code}")
         for host, proc in list(self.launched):
             code = proc.poll()
@@ -159,10 +165,10 @@ class Head:
                 continue
             self.launched.remove((host, proc))
             names = [host] if host else list(self.hosts)
-            mine = [n for n in self.nodes.values() if n.get("remote") and n["name"] in names]
-            for info in mine:
-                if info.get("alive"):
-                    self.node_lost(info["id"], f"its launcher exited with code {code}")
+            mine = [n for n in self.nodes.values() if n.remote and n.name in names]
+            for node in mine:
+                if node.up:
+                    self.node_lost(node.id, f"its launcher exited with code {code}")
             if len(mine) < len(names) and self.running:
                 why = (f"the agent launched on {', '.join(names)} exited with code {code} "
                        f"before joining")
@@ -173,88 +179,89 @@ class Head:
                 self.ready_waiters.clear()
         now = time.monotonic()
         for hrid, pend in list(self.pending.items()):
-            if now > pend["deadline"]:
-                late = ", ".join(f"node {n}" for n in sorted(pend["waiting"]))
-                what = ("confirm the signal" if pend.get("op") == "kill"
-                        else "start the processes")
+            if now > pend.deadline:
+                late = ", ".join(f"node {n}" for n in sorted(pend.waiting))
+                what = "confirm the signal" if pend.op == P.Op.KILL else "start the processes"
                 self.finish(hrid, ok=False, error=f"{late} did not {what} in time")
-        for nid, info in list(self.nodes.items()):
-            if not info.get("remote") or not info.get("alive"):
+        for nid, node in list(self.nodes.items()):
+            if not node.remote or not node.up:
                 continue
-            if now - info["seen"] > NODE_TIMEOUT_S:
+            if now - node.seen > NODE_TIMEOUT_S:
                 self.node_lost(nid, f"no word from its agent for {NODE_TIMEOUT_S:g} s")
-            elif now - info.get("pinged", 0.0) >= PING_S:
-                info["pinged"] = now
-                self.router.send(P.EVT, {"op": "ping"}, to=info["ident"])
+            elif now - node.pinged >= PING_S:
+                node.pinged = now
+                self.router.send(P.EVT, {"op": P.Op.PING}, to=node.ident)
 
     def node_lost(self, nid: int, why: str):
-        info = self.nodes[nid]
-        if info.get("lost"):
+        node = self.nodes[nid]
+        if node.lost:
             return
-        info["alive"] = False
-        info["lost"] = why
+        node.state, node.lost = NodeState.LOST, why
         log.warning("node %s lost: %s", nid, why)
-        if info.get("remote") and info.get("ident"):    # if it still hears us: stop
-            self.router.send(P.EVT, {"op": "goodbye", "why": why}, to=info["ident"])
-        gone: dict[str, list] = {}
-        for (node, pid), owner in list(self.procs.items()):
-            if node == nid:
-                del self.procs[(node, pid)]
-                gone.setdefault(owner, []).append((node, pid, None))
-        for owner, procs in gone.items():
-            self.publish(P.TOPIC_EXIT + owner.encode(), {"procs": procs, "why": why})
-        self.publish(P.TOPIC_NODES, {"event": "lost", "node": nid, "why": why})
+        if node.remote and node.ident:    # if it still hears us: stop
+            self.router.send(P.EVT, {"op": P.Op.GOODBYE, "why": why}, to=node.ident)
+        self.forget_procs(nid, [pid for (n, pid) in self.procs if n == nid], {}, why)
+        self.pub.publish(P.TOPIC_NODES, P.EVT, {"event": "lost", "node": nid, "why": why})
         for rid, pend in list(self.pending.items()):
-            if nid not in pend["waiting"]:
+            if nid not in pend.waiting:
                 continue
-            if pend.get("op") != "kill":
+            if pend.op != P.Op.KILL:
                 self.finish(rid, ok=False, error=f"node {nid} lost during spawn: {why}")
             else:                            # its processes went with it: signal done
-                pend["waiting"].discard(nid)
-                if not pend["waiting"]:
+                pend.waiting.discard(nid)
+                if not pend.waiting:
                     self.finish(rid, ok=True)
 
-    def publish(self, topic: bytes, body):
-        frames = self.codec.encode(P.EVT, body)
-        self.pub.sock.send_multipart([topic, *frames])
+    def forget_procs(self, nid: int, pids, codes: dict, why: str | None = None):
+        """Processes of node ``nid`` that are gone: out of the table, and an
+        ``exit.<owner>`` event for each owner (with the exit code where known)."""
+        gone: dict[str, list] = {}
+        for pid in pids:
+            owner = self.procs.pop((nid, pid), None)
+            if owner is not None:
+                gone.setdefault(owner, []).append((nid, pid, codes.get(pid)))
+        for owner, procs in gone.items():
+            body = {"procs": procs} if why is None else {"procs": procs, "why": why}
+            self.pub.publish(P.TOPIC_EXIT + owner.encode(), P.EVT, body)
 
-    def live_nodes(self) -> list[dict]:
-        return [n for n in self.nodes.values() if n.get("alive")]
+    def live_nodes(self) -> list[NodeRecord]:
+        return [n for n in self.nodes.values() if n.up]
 
-    # -- requests -----------------------------------------------------------
+    # -- client requests ----------------------------------------------------
     def reply(self, ident, rid, ok=True, **body):
         self.router.send(P.REP, {"rid": rid, "ok": ok, **body}, to=ident)
 
-    def public_nodes(self):
-        keys = ("id", "name", "hostname", "pid_space", "cpus", "num_cpus", "physical_mem",
-                "virtual", "alive", "agent_pid", "address", "remote", "lost")
-        return [{k: n.get(k) for k in keys} for n in sorted(self.nodes.values(),
-                                                             key=lambda n: n["id"])]
+    def public_nodes(self) -> list[dict]:
+        return [n.public() for n in sorted(self.nodes.values(), key=lambda n: n.id)]
 
-    def on_request(self, ident, body):
-        op, rid = body.get("op"), body.get("rid")
-        if op == "ready":
-            if len(self.live_nodes()) >= self.expected_nodes:
-                self.reply(ident, rid, **self.ready_body())
-            else:
-                self.ready_waiters.append((ident, rid))
-        elif op == "nodes":
-            self.reply(ident, rid, nodes=self.public_nodes())
-        elif op == "spawn":
-            self.spawn(ident, body)
-        elif op == "kill":
-            self.kill_confirmed(ident, body)
-        elif op == "procs":
-            self.reply(ident, rid, procs=[(n, p, o) for (n, p), o in self.procs.items()])
-        elif op == "shutdown":
-            self.running = False
-            self.shutdown_reply = (ident, rid)
+    @HANDLERS.on(P.REQ, P.Op.READY)
+    def on_ready(self, body, ident):
+        if len(self.live_nodes()) >= self.expected_nodes:
+            self.reply(ident, body.get("rid"), **self.ready_body())
         else:
-            self.reply(ident, rid, ok=False, error=f"unknown op {op!r}")
+            self.ready_waiters.append((ident, body.get("rid")))
+
+    @HANDLERS.on(P.REQ, P.Op.NODES)
+    def on_nodes(self, body, ident):
+        self.reply(ident, body.get("rid"), nodes=self.public_nodes())
+
+    @HANDLERS.on(P.REQ, P.Op.PROCS)
+    def on_procs(self, body, ident):
+        self.reply(ident, body.get("rid"),
+                   procs=[(n, p, o) for (n, p), o in self.procs.items()])
+
+    @HANDLERS.on(P.REQ, P.Op.STATS)
+    def on_stats(self, body, ident):
+        self.reply(ident, body.get("rid"), dropped=self.dropped, replayed=self.codec.replays)
+
+    @HANDLERS.on(P.REQ, P.Op.SHUTDOWN)
+    def on_shutdown(self, body, ident):
+        self.running = False
+        self.shutdown_reply = (ident, body.get("rid"))
 
     def place(self, count: int, allowed) -> list[int]:
         """Pick a node for each of ``count`` processes: fewest processes first."""
-        live = {n["id"] for n in self.live_nodes()}
+        live = {n.id for n in self.live_nodes()}
         allowed = [n for n in (allowed if allowed is not None else sorted(live))]
         missing = [n for n in allowed if n not in live]
         if missing or not allowed:
@@ -271,7 +278,8 @@ class Head:
             out.append(n)
         return out
 
-    def spawn(self, ident, body):
+    @HANDLERS.on(P.REQ, P.Op.SPAWN)
+    def on_spawn(self, body, ident):
         try:
             placement = self.place(int(body["count"]), body.get("nodes"))
         except (ValueError, KeyError) as e:
@@ -280,91 +288,111 @@ class Head:
         for n in placement:
             per_node[n] = per_node.get(n, 0) + 1
         hrid = next(self.rids)
-        self.pending[hrid] = {"ident": ident, "rid": body.get("rid"),
-                              "owner": body["owner"], "waiting": set(per_node),
-                              "procs": [], "deadline": time.monotonic() +
-                              float(body.get("within") or SPAWN_TIMEOUT_S)}
+        self.pending[hrid] = Pending(
+            op=P.Op.SPAWN, ident=ident, rid=body.get("rid"), owner=body["owner"],
+            waiting=set(per_node),
+            deadline=time.monotonic() + float(body.get("within") or SPAWN_TIMEOUT_S))
         for n, k in per_node.items():
-            self.router.send(P.REQ, {"op": "spawn", "rid": hrid, "count": k,
+            self.router.send(P.REQ, {"op": P.Op.SPAWN, "rid": hrid, "count": k,
                                      "entry": body["entry"], "owner": body["owner"],
-                                     "spec": body["spec"]}, to=self.nodes[n]["ident"])
+                                     "spec": body["spec"]}, to=self.nodes[n].ident)
 
-    def kill_confirmed(self, ident, body):
+    @HANDLERS.on(P.REQ, P.Op.KILL)
+    def on_kill(self, body, ident):
         """A client's kill: answered once every agent concerned has sent the signal
         (or its node was lost), so that what the caller does next meets the process
         already signalled, not about to be."""
         try:
-            sig = int(body.get("sig", signal.SIGTERM))
-            by_node = self.by_node(body.get("procs", ()))
+            sig, by_node = self.kill_targets(body)
         except (TypeError, ValueError) as e:
             return self.reply(ident, body.get("rid"), ok=False, error=f"bad kill: {e}")
-        waiting = {n for n in by_node if self.nodes.get(n, {}).get("alive")}
+        waiting = {n for n in by_node if n in self.nodes and self.nodes[n].up}
         if not waiting:
             return self.reply(ident, body.get("rid"))
         hrid = next(self.rids)
-        self.pending[hrid] = {"op": "kill", "ident": ident, "rid": body.get("rid"),
-                              "waiting": waiting, "procs": [],
-                              "deadline": time.monotonic() + KILL_TIMEOUT_S}
+        self.pending[hrid] = Pending(op=P.Op.KILL, ident=ident, rid=body.get("rid"),
+                                     waiting=waiting,
+                                     deadline=time.monotonic() + KILL_TIMEOUT_S)
         for n in waiting:
-            self.router.send(P.REQ, {"op": "kill", "rid": hrid, "pids": by_node[n],
-                                     "sig": sig}, to=self.nodes[n]["ident"])
+            self.router.send(P.REQ, {"op": P.Op.KILL, "rid": hrid, "pids": by_node[n],
+                                     "sig": sig}, to=self.nodes[n].ident)
 
-    def on_agent_reply(self, nid, body):
+    @HANDLERS.on(P.EVT, P.Op.SIGNAL)
+    def on_signal(self, body, ident):
+        """A client's kill that nobody waits for: passed on, never answered."""
+        try:
+            sig, by_node = self.kill_targets(body)
+        except (TypeError, ValueError) as e:
+            _dropped("dropped a bad signal request: %s", e)
+            return
+        self.kill([(n, pid) for n, pids in by_node.items() for pid in pids], sig)
+
+    @staticmethod
+    def kill_targets(body) -> tuple[int, dict[int, list]]:
+        sig = int(signal.Signals(int(body.get("sig", signal.SIGTERM))))
+        return sig, Head.by_node(body.get("procs", ()))
+
+    @HANDLERS.on(P.REP)
+    def on_agent_reply(self, body, ident):
+        nid = self.ident_to_node.get(ident)
+        if nid is None:
+            return
         pend = self.pending.get(body.get("rid"))
         if pend is None:
             if body.get("rid") in self.abandoned and body.get("pids"):
                 # the request failed elsewhere first: what this node started, nobody wants
-                self.router.send(P.EVT, {"op": "kill", "pids": list(body["pids"]),
+                self.router.send(P.EVT, {"op": P.Op.KILL, "pids": list(body["pids"]),
                                          "sig": int(signal.SIGKILL)},
-                                 to=self.nodes[nid]["ident"])
+                                 to=self.nodes[nid].ident)
             return
-        pend["waiting"].discard(nid)
+        pend.waiting.discard(nid)
         if not body.get("ok", True):
             return self.finish(body["rid"], ok=False, error=body.get("error"))
         for pid in body.get("pids", ()):
-            self.procs[(nid, pid)] = pend["owner"]
-            pend["procs"].append((nid, pid))
-        if not pend["waiting"]:
+            self.procs[(nid, pid)] = pend.owner
+            pend.procs.append((nid, pid))
+        if not pend.waiting:
             self.finish(body["rid"], ok=True)
 
     def finish(self, hrid, ok, error=None):
         pend = self.pending.pop(hrid)
-        if pend.get("op") == "kill":
-            return self.reply(pend["ident"], pend["rid"], ok=ok, error=error)
+        if pend.op == P.Op.KILL:
+            return self.reply(pend.ident, pend.rid, ok=ok, error=error)
         if ok:
-            self.reply(pend["ident"], pend["rid"], procs=pend["procs"])
+            self.reply(pend.ident, pend.rid, procs=pend.procs)
             return
         # all or nothing: what other nodes started for a failed request is killed now,
         # and whatever they report later too
-        for proc in pend["procs"]:
+        for proc in pend.procs:
             self.procs.pop(proc, None)
-        self.kill(pend["procs"], signal.SIGKILL)
-        if pend["waiting"]:
+        self.kill(pend.procs, signal.SIGKILL)
+        if pend.waiting:
             self.abandoned.append(hrid)
             del self.abandoned[:-256]
-        self.reply(pend["ident"], pend["rid"], ok=False, error=error, procs=[])
+        self.reply(pend.ident, pend.rid, ok=False, error=error, procs=[])
 
     @staticmethod
     def by_node(procs) -> dict[int, list]:
         out: dict[int, list] = {}
         for node, pid in procs:
-            out.setdefault(node, []).append(pid)
+            out.setdefault(int(node), []).append(int(pid))
         return out
 
     def kill(self, procs, sig):
         """Signal processes and go on: for the head's own clean-ups."""
-        for node, pids in self.by_node(procs).items():
-            info = self.nodes.get(node)
-            if info and info.get("alive"):
-                self.router.send(P.EVT, {"op": "kill", "pids": pids, "sig": int(sig)},
-                                 to=info["ident"])
+        for nid, pids in self.by_node(procs).items():
+            node = self.nodes.get(nid)
+            if node and node.up:
+                self.router.send(P.EVT, {"op": P.Op.KILL, "pids": pids, "sig": int(sig)},
+                                 to=node.ident)
 
     # -- agent events --------------------------------------------------------
     def ready_body(self) -> dict:
         return {"nodes": self.public_nodes(), "events": self.events_address,
                 "tcp_address": self.tcp_address}
 
-    def register(self, ident, body):
+    @HANDLERS.on(P.EVT, P.Op.REGISTER)
+    def on_register(self, body, ident):
         """An agent says hello: one this head started, or one joining from another host."""
         nid = body.get("node")
         if nid is None:                      # joining: a new node id, its own figures
@@ -374,62 +402,86 @@ class Head:
                 nid = self.next_node
                 self.next_node += 1
             try:
-                cpus = [int(c) for c in body["cpus"]]
-                info = {"id": nid, "name": str(body.get("name") or body["hostname"]),
-                        "hostname": str(body["hostname"]), "cpus": cpus,
-                        "num_cpus": len(cpus), "physical_mem": int(body["physical_mem"]),
-                        "virtual": False, "agent_pid": int(body["pid"]),
-                        "address": str(body.get("address")), "remote": True}
+                self.nodes[nid] = NodeRecord(
+                    id=nid, name=str(body.get("name") or body["hostname"]),
+                    hostname=str(body["hostname"]), cpus=[int(c) for c in body["cpus"]],
+                    physical_mem=int(body["physical_mem"]), agent_pid=int(body["pid"]),
+                    address=str(body.get("address")), remote=True)
             except (KeyError, TypeError, ValueError) as e:
                 _dropped("dropped a malformed registration: %r", e)
                 return
-            self.nodes[nid] = info
-        info = self.nodes.get(nid)
-        if info is None or info.get("lost"):
-            self.router.send(P.EVT, {"op": "goodbye", "why": "unknown or lost node"}, to=ident)
+        node = self.nodes.get(nid)
+        if node is None or node.lost:
+            self.router.send(P.EVT, {"op": P.Op.GOODBYE, "why": "unknown or lost node"},
+                             to=ident)
             return
         self.ident_to_node[ident] = nid
         # a joining agent imports the entry modules after its welcome (a cold
         # shared file system may take a while): its silence is counted from then on
-        grace = JOIN_GRACE_S if info.get("remote") else 0.0
-        info.update(ident=ident, alive=True, seen=time.monotonic() + grace,
-                    hostname=str(body.get("hostname", info["hostname"])),
-                    pid_space=str(body.get("pid_space", "")))
-        self.router.send(P.EVT, {"op": "welcome", "node": nid, "preload": self.args.preload,
+        grace = JOIN_GRACE_S if node.remote else 0.0
+        node.ident, node.state, node.seen = ident, NodeState.UP, time.monotonic() + grace
+        node.hostname = str(body.get("hostname", node.hostname))
+        node.pid_space = str(body.get("pid_space", ""))
+        self.router.send(P.EVT, {"op": P.Op.WELCOME, "node": nid, "preload": self.args.preload,
                                  "telemetry_interval": self.args.telemetry_interval},
                          to=ident)
-        log.info("node %s joined: %s (%s)", nid, info["name"], info.get("address"))
-        self.publish(P.TOPIC_NODES, {"event": "joined", "node": nid})
+        log.info("node %s joined: %s (%s)", nid, node.name, node.address)
+        self.pub.publish(P.TOPIC_NODES, P.EVT, {"event": "joined", "node": nid})
         if len(self.live_nodes()) >= self.expected_nodes:
             for wident, wrid in self.ready_waiters:
                 self.reply(wident, wrid, **self.ready_body())
             self.ready_waiters.clear()
 
-    def on_agent_event(self, ident, body):
-        op = body.get("op")
-        if op == "register":
-            return self.register(ident, body)
+    def agent_node(self, ident) -> NodeRecord | None:
+        """The node whose agent sent a message, heard now; None (and sent away, if it
+        was given up) when it is not one the head takes messages from."""
         nid = self.ident_to_node.get(ident)
         if nid is None:
+            return None
+        node = self.nodes[nid]
+        if node.lost:                        # back after it was given up: send it away
+            self.router.send(P.EVT, {"op": P.Op.GOODBYE, "why": node.lost}, to=ident)
+            return None
+        node.seen = time.monotonic()
+        return node
+
+    @HANDLERS.on(P.EVT, P.Op.LEAVING)
+    def on_leaving(self, body, ident):
+        node = self.agent_node(ident)
+        if node is not None:
+            self.node_lost(node.id, body.get("why") or "its agent left")
+
+    @HANDLERS.on(P.EVT, P.Op.TELEMETRY)
+    def on_telemetry(self, body, ident):
+        node = self.agent_node(ident)
+        if node is None:
             return
-        info = self.nodes[nid]
-        if info.get("lost"):                 # back after it was given up: send it away
-            self.router.send(P.EVT, {"op": "goodbye", "why": info["lost"]}, to=ident)
+        body["node"] = node.id
+        self.reconcile(node.id, body)
+        self.pub.publish(P.TOPIC_TELEMETRY + str(node.id).encode(), P.EVT, body)
+
+    def reconcile(self, nid: int, body) -> None:
+        """A process the table holds that the agent no longer lists has exited, even
+        if its ``exited`` event was lost (on a TCP link cut as it was sent). The
+        agent's messages arrive in order and a process is listed from its spawn
+        reply on, so one missing from a later list is gone; the agent's recent
+        exits give its code."""
+        live = body.get("pids")
+        if live is None:
             return
-        info["seen"] = time.monotonic()
-        if op == "leaving":
-            self.node_lost(nid, body.get("why") or "its agent left")
-        elif op == "telemetry":
-            body["node"] = nid
-            self.publish(P.TOPIC_TELEMETRY + str(nid).encode(), body)
-        elif op == "exited":
-            gone: dict[str, list] = {}
-            for pid, code in body["procs"]:
-                owner = self.procs.pop((nid, pid), None)
-                if owner is not None:
-                    gone.setdefault(owner, []).append((nid, pid, code))
-            for owner, procs in gone.items():
-                self.publish(P.TOPIC_EXIT + owner.encode(), {"procs": procs})
+        live = set(live)
+        missing = [pid for (n, pid) in self.procs if n == nid and pid not in live]
+        if missing:
+            codes = dict(body.get("exits") or ())
+            log.info("node %s: processes %s exited unreported", nid, missing)
+            self.forget_procs(nid, missing, codes)
+
+    @HANDLERS.on(P.EVT, P.Op.EXITED)
+    def on_exited(self, body, ident):
+        node = self.agent_node(ident)
+        if node is not None:
+            codes = dict(body["procs"])
+            self.forget_procs(node.id, list(codes), codes)
 
     # -- main loop ------------------------------------------------------------
     def run(self, lifeline_fd: int | None):
@@ -445,42 +497,44 @@ class Head:
                 log.info("client gone; shutting down")
                 break
             if self.router.sock in events:
-                for _ in range(1000):
-                    try:
-                        ident, kind, body, _bufs = self.router.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    except P.ProtocolError as e:
-                        _dropped("dropped malformed message: %s", e)
-                        continue
-                    if not isinstance(body, dict):
-                        _dropped("dropped message with a non-dict body")
-                        continue
-                    try:
-                        if kind == P.REQ:
-                            self.on_request(ident, body)
-                        elif kind == P.EVT:
-                            self.on_agent_event(ident, body)
-                        elif kind == P.REP and ident in self.ident_to_node:
-                            self.on_agent_reply(self.ident_to_node[ident], body)
-                    except Exception as e:       # a well-signed but nonsensical message
-                        _dropped("dropped a %r message it could not act on: %r", kind, e)
+                self.read_messages()
             now = time.monotonic()
             if now - last_check >= AGENT_POLL_S:
                 last_check = now
                 self.check_agents()
         self.shutdown()
 
+    def read_messages(self):
+        for _ in range(1000):
+            try:
+                ident, kind, body, _bufs = self.router.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except P.ProtocolError as e:
+                self.dropped += 1
+                _dropped("dropped a message: %s", e)
+                continue
+            if not isinstance(body, dict):
+                self.dropped += 1
+                _dropped("dropped a message with a non-dict body")
+                continue
+            try:
+                self.dispatch(kind, body, ident)
+            except Exception as e:       # a well-signed but nonsensical message
+                self.dropped += 1
+                _dropped("dropped a %r message it could not act on: %r", kind, e)
+
     def shutdown(self):
-        for info in self.nodes.values():
-            info["alive"] = None      # expected exits are not node losses
+        for node in self.nodes.values():
+            if node.state is not NodeState.LOST:
+                node.state = NodeState.STOPPING    # expected exits are not node losses
         for proc, wfd in self.agents.values():
             if wfd is not None:
                 os.close(wfd)          # lifeline EOF: agent stops its children and exits
-        for info in self.nodes.values():
-            if info.get("remote") and info.get("ident"):     # joined by hand: told
-                self.router.send(P.EVT, {"op": "goodbye", "why": "the runtime stopped"},
-                                 to=info["ident"])
+        for node in self.nodes.values():
+            if node.remote and node.ident:     # joined by hand: told
+                self.router.send(P.EVT, {"op": P.Op.GOODBYE, "why": "the runtime stopped"},
+                                 to=node.ident)
         for _host, proc in self.launched:
             try:
                 proc.stdin.close()     # their lifeline: the agents stop and exit
@@ -512,7 +566,7 @@ def main(argv=None):
     ap.add_argument("--rundir", required=True)
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--cpus-per-node", type=int, default=None)
-    ap.add_argument("--telemetry-interval", type=float, default=0.25)
+    ap.add_argument("--telemetry-interval", type=float, default=TELEMETRY_INTERVAL_S)
     ap.add_argument("--preload", default="")
     ap.add_argument("--lifeline-fd", type=int)
     ap.add_argument("--listen", default=None, help="also bind TCP on this address")

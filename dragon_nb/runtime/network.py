@@ -37,6 +37,7 @@ import zmq.utils.monitor
 import zmq.utils.z85
 
 from dragon_nb.wire import protocol as P
+from dragon_nb.tunables import HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS, REFUSALS_DEAD
 
 CONNECTION_FILE = "connection.json"
 
@@ -87,10 +88,10 @@ class Network:
         sock.connect(address)
         return sock
 
-    def redials(self, sock: zmq.Socket) -> "Redials | None":
+    def watch_links(self, sock: zmq.Socket) -> "LinkWatch | None":
         """On TCP, watch the links ``sock`` dials (call before its first connect);
         on ipc, None: those links are never cut."""
-        return Redials(sock) if self.tcp else None
+        return LinkWatch(sock) if self.tcp else None
 
     def _common(self, sock: zmq.Socket) -> None:
         if self.host is not None and ":" in self.host:
@@ -102,36 +103,64 @@ class Network:
             sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
 
 
-class Redials:
-    """The links of a connecting socket that were cut and dialled again.
+class LinkWatch:
+    """What happened to the links a connecting socket dials: made, lost, refused,
+    made again. The one watcher of every sender (pool workers, pipeline stages and
+    feeders, DDict clients).
 
     zmq redials a cut TCP connection by itself, but what was on its way over it
     is gone, and only the sender's socket sees it happen: a CONNECTED after a
     DISCONNECTED, or a second one for an endpoint (libzmq may name an endpoint
     differently the second time: resolved, or IPv4-mapped). Whoever holds the
-    sender is told, and sends again. A new endpoint connected after an old one was
-    lost also counts: one send too many, never one too few."""
+    sender is told (``poll``), and sends again; a new endpoint connected after an
+    old one was lost also counts: one send too many, never one too few. A link
+    lost and then refused ``refusals`` times in a row has nobody listening at its
+    other end any more (``gone``): its peer exited, or its host went.
+    """
+
+    EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
     def __init__(self, sock: zmq.Socket):
         self.sock = sock
-        self.watch = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.watch = sock.get_monitor_socket(self.EVENTS)
         self.seen: set[str] = set()
         self.down = 0                  # links lost and not made again yet
+        self.connected = False         # the last event said so (one endpoint: exact)
+        self.refused = 0               # attempts failed since the last success
+        self.redials = 0               # links cut and made again, in all
+        self.again: list[str] = []     # endpoints dialled again, not yet taken by ``poll``
+
+    def update(self) -> None:
+        """Read the socket's events so far."""
+        while self.watch.poll(0):
+            msg = zmq.utils.monitor.recv_monitor_message(self.watch)
+            event, endpoint = msg["event"], msg["endpoint"]
+            endpoint = endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+            if event == zmq.EVENT_DISCONNECTED:
+                self.down += 1
+                self.connected = False
+            elif event == zmq.EVENT_CONNECT_RETRIED:
+                if not self.connected:
+                    self.refused += 1
+            elif event == zmq.EVENT_CONNECTED:
+                if endpoint in self.seen or self.down:
+                    self.again.append(endpoint)
+                    self.redials += 1
+                    self.down = max(0, self.down - 1)
+                self.seen.add(endpoint)
+                self.connected = True
+                self.refused = 0
 
     def poll(self) -> list[str]:
         """The endpoints dialled again since the last call."""
-        again = []
-        while self.watch.poll(0):
-            msg = zmq.utils.monitor.recv_monitor_message(self.watch)
-            endpoint = msg["endpoint"]
-            endpoint = endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
-            if msg["event"] == zmq.EVENT_DISCONNECTED:
-                self.down += 1
-            elif endpoint in self.seen or self.down:
-                again.append(endpoint)
-                self.down = max(0, self.down - 1)
-            self.seen.add(endpoint)
+        self.update()
+        again, self.again = self.again, []
         return again
+
+    def gone(self, refusals: int = REFUSALS_DEAD) -> bool:
+        """Was a link lost and then refused ``refusals`` times in a row?"""
+        self.update()
+        return self.refused >= refusals
 
     def close(self) -> None:
         try:
@@ -139,10 +168,6 @@ class Redials:
         except zmq.ZMQError:
             pass
         self.watch.close(linger=0)
-
-
-HEARTBEAT_MS = 1000             # on TCP, peers ping each other this often when idle,
-HEARTBEAT_TIMEOUT_MS = 10_000   # and drop (then redial) a connection silent this long
 
 
 def _server_keys(key: bytes) -> tuple[bytes, bytes]:

@@ -17,9 +17,8 @@ from IPython.display import HTML, display
 
 from dragon_nb.telemetry import TelemetryMonitor
 from dragon_nb.widgets.view import RateMeter, fmt_bytes, node_rows, rows_html
+from dragon_nb.tunables import LIVE_FOR_S, REFRESH_S
 
-REFRESH_S = 0.25
-LIVE_FOR_S = 600.0        # a dashboard or DDict view stops refreshing after this long
 
 
 def _close_all(widget) -> None:

@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 
-REFRESH_S = 0.25
+from dragon_nb.tunables import REFRESH_S
 
 
 class CallBar:

@@ -14,21 +14,32 @@ A message is a multipart zmq message::
 * when the runtime has a key (TCP transports), a ``sig`` frame with an
   HMAC-SHA256 over kind, body and buffers follows ``kind``; a frame that fails
   the check is dropped before anything is unpickled. Raw DDict frames carry
-  the same signature as their *last* frame (``sign_frames``/``verify_frames``).
+  a ``seq`` and the signature as their last two frames (``FrameSigner``).
 
-Control plane (client/agent <-> head) uses REQ/REP/EVT with an ``op`` field in
-the body; the data plane (pool <-> worker) has its own kinds so the hot path
-never looks inside a dict to dispatch.
+Control plane (client/agent <-> head, caller -> stage workers) uses REQ/REP/EVT
+with an ``op`` field in the body, every op named in ``Op`` below with who sends
+it to whom; the data plane (pool <-> worker, stage -> stage) has its own kinds
+so the hot path never looks inside a dict to dispatch. Each role reads what it
+receives through one ``Handlers`` table (``@HANDLERS.on(kind, op)`` on its
+methods), so where a message is handled is one search away from where it is
+sent.
+
+A keyed message also carries a ``seq`` frame (the sender's random session id
+and a counter), covered by the HMAC: a receiver drops a message whose ``seq``
+it has seen (``ReplayGuard``), so a captured frame cannot be played again.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 import io
-import pickle
+import itertools
 import logging
+import os
+import pickle
 import struct
 import time
+from collections import OrderedDict
 
 import zmq
 
@@ -38,6 +49,38 @@ log = logging.getLogger("dragon_nb.wire")
 REQ = b"req"          # request; body: {"op": str, "rid": int, ...}
 REP = b"rep"          # reply;   body: {"rid": int, "ok": bool, ...}
 EVT = b"evt"          # one-way event; body: {"op": str, ...}
+
+
+class Op:
+    """Every control operation: the ``op`` of a REQ or EVT body.
+
+    Plain strings (a body may hold built-in values only). Each line says who
+    sends it to whom and what the body holds besides ``op`` (and ``rid`` for a
+    REQ, whose REP carries ``ok`` and, when not ok, ``error``).
+    """
+    # client -> head (REQ)
+    READY = "ready"          # -> nodes, events (PUB address), tcp_address; once all nodes are up
+    NODES = "nodes"          # -> nodes: the node table
+    SPAWN = "spawn"          # entry, spec, count, owner, nodes, within -> procs [(node, pid)]
+    KILL = "kill"            # procs [(node, pid)], sig: answered once the agents sent it
+    PROCS = "procs"          # -> procs [(node, pid, owner)]
+    STATS = "stats"          # -> dropped, replayed: messages the head refused
+    SHUTDOWN = "shutdown"    # answered when every agent has stopped
+    # client -> head (EVT): a kill nobody waits for (the pool's I/O thread)
+    SIGNAL = "signal"        # procs, sig
+    # head -> agent: SPAWN (REQ: count, entry, owner, spec -> pids), KILL (REQ: pids,
+    # sig -> confirmed; or EVT: the head's own clean-ups, unanswered), and (EVT):
+    WELCOME = "welcome"      # node, preload, telemetry_interval: a joining agent is named
+    GOODBYE = "goodbye"      # why: stop and exit (lost, unknown, or the runtime stopped)
+    PING = "ping"            # (nothing): an agent on another host hears from the head
+    # agent -> head (EVT)
+    REGISTER = "register"    # node (None: joining), name, hostname, pid, pid_space, cpus, ...
+    EXITED = "exited"        # node, procs [(pid, exit code)]
+    TELEMETRY = "telemetry"  # node's figures, owners {owner: counters}, pids: every live child
+    LEAVING = "leaving"      # why: a joined agent stops
+    # pipeline caller -> its stage workers (EVT on the control PUB)
+    STOP = "stop"            # (nothing): every stage worker exits
+    REWIRE = "rewire"        # stage, old, new: send to ``new`` instead of ``old``
 
 # --- data plane: pool <-> worker -------------------------------------------
 HELLO = b"hi"         # worker -> pool: {"wid", "pid", "node"}
@@ -120,6 +163,65 @@ class ProtocolError(Exception):
     """A frame that is malformed or fails authentication."""
 
 
+class ReplayError(ProtocolError):
+    """A correctly signed message seen before: dropped, and counted."""
+
+
+class UnknownMessage(ProtocolError):
+    """A well-formed message no handler of this role takes."""
+
+
+class Handlers:
+    """One role's table of handlers, filled by decorating its methods::
+
+        HANDLERS = Handlers("head")
+
+        class Head:
+            @HANDLERS.on(P.REQ, P.Op.SPAWN)
+            def spawn(self, body, ident): ...
+
+        dispatch = HANDLERS.bind(head)      # once per instance
+        dispatch(kind, body, ident)         # -> spawn(body, ident)
+
+    Control kinds (REQ, EVT) are looked up by ``(kind, body["op"])``; data kinds
+    (and REP, matched by rid) by ``(kind, None)``. A message no handler takes
+    raises ``UnknownMessage``, which the role drops like a malformed one.
+    """
+
+    def __init__(self, role: str):
+        self.role = role
+        self.table: dict[tuple, object] = {}
+
+    def on(self, kind: bytes, op: str | None = None):
+        def register(func):
+            key = (kind, op)
+            if key in self.table:
+                raise ValueError(f"{self.role}: two handlers for {key}")
+            self.table[key] = func
+            return func
+        return register
+
+    def bind(self, obj) -> "Dispatch":
+        return Dispatch(self.role, {key: func.__get__(obj) for key, func in self.table.items()})
+
+
+class Dispatch:
+    """A ``Handlers`` table bound to one object; call it with a received message."""
+
+    __slots__ = ("role", "bound")
+
+    def __init__(self, role: str, bound: dict):
+        self.role, self.bound = role, bound
+
+    def __call__(self, kind: bytes, body, *args):
+        op = body.get("op") if kind in (REQ, EVT) and isinstance(body, dict) else None
+        handler = self.bound.get((kind, op))
+        if handler is None:
+            raise UnknownMessage(f"the {self.role} takes no {kind!r} message"
+                                 + (f" with op {op!r}" if op is not None else ""))
+        return handler(body, *args)
+
+
 class DropLog:
     """Logs dropped messages, at most one line per ``every_s`` however many
     arrive, so that a flood of bad frames cannot flood the log as well."""
@@ -154,6 +256,14 @@ def loads_body(data) -> object:
 
 
 _FRAME_LEN = struct.Struct("<Q")
+_SEQ = struct.Struct("<8sQ")          # a sender's session id, its message number
+
+# Per sender, a receiver remembers this many message numbers below the highest it
+# has seen, for this many senders (the least recently heard from is forgotten):
+# a replay is dropped while its sender is among them, as Jupyter's digest history
+# drops one while its digest is kept.
+REPLAY_WINDOW = 1024
+REPLAY_SENDERS = 4096
 
 
 def _mac(key: bytes, frames, domain: bytes) -> bytes:
@@ -168,56 +278,127 @@ def _mac(key: bytes, frames, domain: bytes) -> bytes:
     return mac.digest()
 
 
-_CODEC_DOMAIN = b"dragon-nb/1 message"
-_RAW_DOMAIN = b"dragon-nb/1 ddict frames"
+_CODEC_DOMAIN = b"dragon-nb/2 message"
+_RAW_DOMAIN = b"dragon-nb/2 ddict frames"
 
 
-def sign_frames(key: bytes | None, frames: list) -> list:
-    """Raw frames (DDict) -> the same plus an HMAC as the last frame, when keyed."""
-    if key is None:
-        return frames
-    return [*frames, _mac(key, frames, _RAW_DOMAIN)]
+class _Numbering:
+    """This process's numbering of what it signs: a random session id and a counter,
+    fresh after a fork (a child must not reuse its parent's numbers)."""
+
+    def __init__(self):
+        self.pid = None
+
+    def next(self) -> bytes:
+        if self.pid != os.getpid():
+            self.pid, self.session, self.count = os.getpid(), os.urandom(8), itertools.count(1)
+        return _SEQ.pack(self.session, next(self.count))
 
 
-def verify_frames(key: bytes | None, frames: list) -> list:
-    """Check and strip the HMAC that ``sign_frames`` added; ProtocolError if wrong."""
-    if key is None:
-        return frames
-    if len(frames) < 2:
-        raise ProtocolError("unsigned message")
-    *rest, sig = frames
-    if not hmac.compare_digest(_bytes(sig), _mac(key, [memoryview(f) for f in rest],
-                                                 _RAW_DOMAIN)):
-        raise ProtocolError("bad signature")
-    return rest
+_numbering = _Numbering()
+
+
+class ReplayGuard:
+    """Which signed messages a receiver has already taken: per sender session, the
+    highest number seen and a bit for each of the ``window`` numbers below it.
+    Gaps are fine (a sender signs for many receivers); a number seen twice, or
+    older than the window, is a replay."""
+
+    def __init__(self, window: int = REPLAY_WINDOW, senders: int = REPLAY_SENDERS):
+        self.window, self.senders = window, senders
+        self.sessions: OrderedDict[bytes, list] = OrderedDict()   # session -> [highest, bits]
+        self.replays = 0
+
+    def admit(self, seq) -> None:
+        """Take ``seq`` (a ``_SEQ``), or raise ReplayError."""
+        try:
+            session, n = _SEQ.unpack(_bytes(seq))
+        except struct.error:
+            raise ProtocolError("malformed sequence frame") from None
+        state = self.sessions.get(session)
+        if state is None:
+            self.sessions[session] = [n, 1]
+            if len(self.sessions) > self.senders:
+                self.sessions.popitem(last=False)
+            return
+        self.sessions.move_to_end(session)
+        highest, bits = state
+        if n > highest:
+            shift = n - highest
+            state[0] = n
+            state[1] = 1 if shift >= self.window else \
+                ((bits << shift) | 1) & ((1 << self.window) - 1)
+            return
+        back = highest - n
+        if back >= self.window or (bits >> back) & 1:
+            self.replays += 1
+            raise ReplayError(f"replayed message (number {n} of a sender already seen)")
+        state[1] = bits | (1 << back)
+
+
+class FrameSigner:
+    """Signs and checks raw frames (DDict requests and replies): a ``seq`` and an
+    HMAC as the last two frames, when keyed; without a key, frames pass as they are."""
+
+    def __init__(self, key: bytes | None):
+        self.key = key
+        self.guard = ReplayGuard()
+
+    def sign(self, frames: list) -> list:
+        if self.key is None:
+            return frames
+        frames = [*frames, _numbering.next()]
+        return [*frames, _mac(self.key, frames, _RAW_DOMAIN)]
+
+    def verify(self, frames: list) -> list:
+        """Check and strip what ``sign`` added; ProtocolError (ReplayError) if wrong."""
+        if self.key is None:
+            return frames
+        if len(frames) < 3:
+            raise ProtocolError("unsigned message")
+        *signed, sig = frames
+        if not hmac.compare_digest(_bytes(sig), _mac(self.key, [memoryview(f) for f in signed],
+                                                     _RAW_DOMAIN)):
+            raise ProtocolError("bad signature")
+        self.guard.admit(signed[-1])
+        return signed[:-1]
 
 
 class Codec:
-    """Turns (kind, body, buffers) into frames and back; signs when keyed."""
+    """Turns (kind, body, buffers) into frames and back; signs when keyed.
+
+    Keyed frames are ``kind, sig, seq, body, buffers...``; the HMAC covers all
+    but itself, and ``decode`` refuses a ``seq`` it has seen (``replays`` counts
+    them)."""
 
     def __init__(self, key: bytes | None = None):
         self.key = key
+        self.guard = ReplayGuard()
 
-    def _sign(self, frames) -> bytes:
-        return _mac(self.key, frames, _CODEC_DOMAIN)
+    @property
+    def replays(self) -> int:
+        return self.guard.replays
 
     def encode(self, kind: bytes, body, buffers=()) -> list:
         frames = [kind, pickle.dumps(body, protocol=PICKLE_PROTOCOL),
                   *(b.raw() if isinstance(b, pickle.PickleBuffer) else b for b in buffers)]
         if self.key is not None:
-            frames.insert(1, self._sign(frames))
+            frames.insert(1, _numbering.next())
+            frames.insert(1, _mac(self.key, frames, _CODEC_DOMAIN))
         return frames
 
     def decode(self, frames: list):
         """frames (zmq.Frame or bytes) -> (kind, body, buffers)."""
         if self.key is not None:
-            if len(frames) < 3:
+            if len(frames) < 4:
                 raise ProtocolError("short message")
             kind, sig, rest = frames[0], frames[1], frames[2:]
-            expected = self._sign([_bytes(kind), *(memoryview(f) for f in rest)])
+            expected = _mac(self.key, [_bytes(kind), *(memoryview(f) for f in rest)],
+                            _CODEC_DOMAIN)
             if not hmac.compare_digest(_bytes(sig), expected):
                 raise ProtocolError("bad signature")
-            frames = [kind, *rest]
+            self.guard.admit(rest[0])
+            frames = [kind, *rest[1:]]
         if len(frames) < 2:
             raise ProtocolError("short message")
         kind = _bytes(frames[0])
@@ -233,36 +414,64 @@ def _bytes(f) -> bytes:
 
 
 class Channel:
-    """A zmq socket plus a codec: send/recv whole messages.
+    """A zmq socket plus a codec: every message of the runtime is sent and read
+    through one.
 
-    ``routed`` is True for ROUTER sockets: ``recv`` then returns the peer
-    identity first and ``send`` takes it as ``to``.
+    ``routed`` (ROUTER sockets): ``recv`` returns the peer identity first and
+    ``send`` takes it as ``to``. ``subscribed`` (SUB sockets): ``recv`` returns
+    the topic first; a PUB channel sends with ``publish(topic, ...)``. Plain
+    channels (DEALER, PUSH, PULL, ...) return None there.
     """
 
-    def __init__(self, sock: zmq.Socket, codec: Codec, routed: bool = False):
+    __slots__ = ("sock", "codec", "routed", "subscribed")
+
+    def __init__(self, sock: zmq.Socket, codec: Codec, routed: bool = False,
+                 subscribed: bool = False):
         self.sock = sock
         self.codec = codec
         self.routed = routed
+        self.subscribed = subscribed
 
     def send(self, kind: bytes, body=None, buffers=(), to: bytes | None = None,
-             copy_threshold: int = 65536):
+             copy_threshold: int = 65536, flags: int = 0):
         frames = self.codec.encode(kind, body, buffers)
         if self.routed:
             frames.insert(0, to)
         # small frames are copied (cheaper than tracking); big ones go zero-copy
-        self.sock.send_multipart(frames, copy=_all_small(frames, copy_threshold))
+        self.sock.send_multipart(frames, flags, copy=_all_small(frames, copy_threshold))
+
+    def publish(self, topic: bytes, kind: bytes, body=None, buffers=()):
+        """On a PUB socket: the message, under ``topic``."""
+        self.sock.send_multipart([topic, *self.codec.encode(kind, body, buffers)])
 
     def recv(self, flags: int = 0):
-        """-> (identity, kind, body, buffers); identity is None when not routed.
+        """-> (identity or topic, kind, body, buffers); None first when neither.
 
-        Raises ProtocolError for a frame that must be dropped.
+        Raises ProtocolError for a message that must be dropped.
         """
         frames = self.sock.recv_multipart(flags, copy=False)
-        ident = None
-        if self.routed:
-            ident, frames = frames[0].bytes, frames[1:]
+        first = None
+        if self.routed or self.subscribed:
+            if len(frames) < 2:
+                raise ProtocolError("short message")
+            first, frames = frames[0].bytes, frames[1:]
         kind, body, buffers = self.codec.decode(frames)
-        return ident, kind, body, buffers
+        return first, kind, body, buffers
+
+    def drain(self, dropped=None, limit: int = 1000):
+        """Yield every message waiting, without blocking, at most ``limit``;
+        a malformed or replayed one is passed to ``dropped`` (a DropLog) and skipped."""
+        for _ in range(limit):
+            try:
+                yield self.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ProtocolError as e:
+                if dropped is not None:
+                    dropped("dropped a message: %s", e)
+
+    def poll(self, timeout_ms: float, flags: int = zmq.POLLIN) -> int:
+        return self.sock.poll(timeout_ms, flags)
 
     def close(self, linger: int = 0):
         self.sock.close(linger=linger)
