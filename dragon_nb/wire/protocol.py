@@ -38,6 +38,7 @@ import logging
 import os
 import pickle
 import struct
+import threading
 import time
 from collections import OrderedDict
 
@@ -284,18 +285,26 @@ _RAW_DOMAIN = b"dragon-nb/2 ddict frames"
 
 class _Numbering:
     """This process's numbering of what it signs: a random session id and a counter,
-    fresh after a fork (a child must not reuse its parent's numbers)."""
+    fresh after a fork (a child must not reuse its parent's numbers). Threads share
+    it: the state is one tuple, read at once, and ``next`` on a counter is atomic."""
 
     def __init__(self):
-        self.pid = None
+        self.state = (None, b"", None)      # (pid, session, counter)
+        self.lock = threading.Lock()
 
     def next(self) -> bytes:
-        if self.pid != os.getpid():
-            self.pid, self.session, self.count = os.getpid(), os.urandom(8), itertools.count(1)
-        return _SEQ.pack(self.session, next(self.count))
+        pid, session, count = self.state
+        if pid != os.getpid():
+            with self.lock:
+                pid, session, count = self.state
+                if pid != os.getpid():
+                    session, count = os.urandom(8), itertools.count(1)
+                    self.state = (os.getpid(), session, count)
+        return _SEQ.pack(session, next(count))
 
 
 _numbering = _Numbering()
+os.register_at_fork(after_in_child=lambda: setattr(_numbering, "lock", threading.Lock()))
 
 
 class ReplayGuard:
