@@ -1,8 +1,10 @@
 """dragon-nb: Dragon's parallel Python model (Pool, DDict, System/Node,
 pipelines) on a node runtime that starts behind a notebook kernel or script.
 
-The features load on first use (``dragon_nb.Pool`` imports the pool), so the
-runtime's own processes, which import this package too, start quickly.
+The features load on first use (``dragon_nb.Pool`` imports the pool, the
+terminal progress bar is added by the pool's first call), so the runtime's own
+processes, which import this package too, start quickly. The errors are those
+of ``dragon_nb.errors``, all under ``DragonNbError``.
 """
 import importlib
 
@@ -17,14 +19,17 @@ for _module in ("dragon_nb.pool.worker", "dragon_nb.ddict.manager",
     register_entry_module(_module)
 
 _LAZY = {
-    "Pool": "dragon_nb.pool", "PoolBrokenError": "dragon_nb.pool",
-    "WorkerLostError": "dragon_nb.pool", "TaskExitError": "dragon_nb.pool",
+    "Pool": "dragon_nb.pool",
     "System": "dragon_nb.machine", "Node": "dragon_nb.machine",
-    "Pipeline": "dragon_nb.pipeline", "PipelineError": "dragon_nb.pipeline",
-    "stage": "dragon_nb.pipeline", "on_node": "dragon_nb.pipeline",
-    "DDict": "dragon_nb.ddict", "DDictError": "dragon_nb.ddict",
-    "DDictKeyError": "dragon_nb.ddict", "DDictFullError": "dragon_nb.ddict",
-    "DDictTimeoutError": "dragon_nb.ddict",
+    "Pipeline": "dragon_nb.pipeline", "stage": "dragon_nb.pipeline",
+    "on_node": "dragon_nb.pipeline",
+    "DDict": "dragon_nb.ddict",
+    # every error dragon-nb raises on purpose (one hierarchy, in a module of its own)
+    **dict.fromkeys([
+        "DragonNbError", "RuntimeStoppedError", "RuntimeRequestError", "RuntimeTimeoutError",
+        "WorkerLostError", "CallCancelledError", "PoolBrokenError", "TaskExitError",
+        "PipelineError", "DDictError", "DDictKeyError", "DDictFullError", "DDictTimeoutError",
+    ], "dragon_nb.errors"),
 }
 __all__ = ["Runtime", "start", "stop", "get_runtime", "cpu_count", "current_process",
            *_LAZY]
@@ -57,16 +62,8 @@ def current_process():
 from dragon_nb import mp_compat as _mp_compat
 
 _mp_compat.install()
-
-
-def _text_progress_if_wanted():
-    from dragon_nb.widgets import text
-    if text.wanted():
-        from dragon_nb.pool import progress
-        progress.add_observer(text.show_call)
-
-
-_text_progress_if_wanted()
+# The terminal progress bar is not registered here: the pool adds it as its default
+# progress observer when its observers are first used (dragon_nb.pool.progress).
 
 
 def load_ipython_extension(ipython):

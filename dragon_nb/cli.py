@@ -1,28 +1,32 @@
 """The ``dragon-nb`` command: run a script on a fresh runtime, show the nodes, demo.
 
-    dragon-nb run script.py [--nodes N] [--workers-per-node K] [-- script args]
-
-``run`` options may come before or after the script; the script's own
-arguments follow ``--`` (without ``--``, arguments dragon-nb does not know
-go to the script).
-    dragon-nb info [--nodes N]
+    dragon-nb run script.py [runtime options] [-- script args]
+    dragon-nb info [runtime options]
     dragon-nb demo [--nodes N] [--files F]
     dragon-nb agent --connect tcp://HEAD:PORT --key-file FILE [--name NAME]
 
-``run`` and ``info`` also take ``--hosts h1,h2 [--launcher ssh|srun|TEMPLATE]
-[--listen ADDR] [--port P] [--dry-run]``: one more node on each host, its
-agent started by the launcher; ``--dry-run`` prints the launch commands and
-starts nothing.
+The runtime options (``--nodes``, ``--workers-per-node``, ``--hosts``,
+``--listen``, ``--port``, ...) come from ``dragon_nb.options``, which the
+``%dragon start`` magic reads too, so a script and a notebook start the same
+runtime from the same words. ``run`` options may come before or after the
+script; the script's own arguments follow ``--`` (without ``--``, arguments
+dragon-nb does not know go to the script). ``--dry-run`` prints the commands
+that would start agents on ``--hosts`` and starts nothing.
+
+The help texts are plain (argparse prints them as they are written).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
 import runpy
 import sys
+
+from dragon_nb import options
 
 
 class DragonAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -52,51 +56,17 @@ def install_dragon_alias(force: bool = False) -> bool:
     return True
 
 
-def _add_runtime_args(ap):
-    ap.add_argument("--nodes", type=int, default=None,
-                    help="virtual nodes to start on this host (default 1)")
-    ap.add_argument("--workers-per-node", type=int, default=None,
-                    help="default pool workers per node (default: the node's cores)")
-    ap.add_argument("--cpus-per-node", type=int, default=None,
-                    help="cores each virtual node claims (default: its share of the host's)")
-    ap.add_argument("--hosts", default=None,
-                    help="comma-separated hosts to start one more node on each")
-    ap.add_argument("--launcher", default="ssh",
-                    help="how agents start on --hosts: ssh, srun, or a template with "
-                         "{host} and {command}")
-    ap.add_argument("--listen", default=None,
-                    help="address or interface other hosts reach this one on (default: "
-                         "the interface that routes to the first host)")
-    ap.add_argument("--port", type=int, default=0, help="the head's TCP port (default: any)")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="print the commands that would start agents on --hosts, and stop")
-
-
-def _network_kwargs(args) -> dict:
-    if not args.hosts and not args.listen:
-        return {}
-    return {"hosts": args.hosts, "listen": args.listen, "launcher": args.launcher,
-            "port": args.port}
-
-
 def cmd_dry_run(args) -> int:
-    from dragon_nb.runtime import hosts
-    if not args.hosts:
-        print("dragon-nb: --dry-run shows how agents start on --hosts; none given",
-              file=sys.stderr)
-        return 2
     try:
-        print(hosts.dry_run(args.hosts.split(","), args.launcher, args.listen, args.port))
+        print(options.dry_run_text(args.start))
     except ValueError as e:
-        print(f"dragon-nb: {e}", file=sys.stderr)
+        print(f"dragon-nb {args.command}: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 def cmd_run(args) -> int:
     import dragon_nb
-    if args.dry_run:
-        return cmd_dry_run(args)
     script = args.script
     if not os.path.exists(script):
         print(f"dragon-nb run: no such script: {script}", file=sys.stderr)
@@ -108,8 +78,7 @@ def cmd_run(args) -> int:
     if args.cpus_per_node is not None:
         os.environ["DRAGON_NB_CPUS_PER_NODE"] = str(args.cpus_per_node)
     install_dragon_alias()
-    dragon_nb.start(nodes=args.nodes, workers_per_node=args.workers_per_node,
-                    cpus_per_node=args.cpus_per_node, **_network_kwargs(args))
+    dragon_nb.start(**args.start)
     sys.argv = [script, *args.script_args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     try:
@@ -127,11 +96,7 @@ def cmd_run(args) -> int:
 def cmd_info(args) -> int:
     import dragon_nb
     from dragon_nb.machine import node_table
-    if args.dry_run:
-        return cmd_dry_run(args)
-    nodes = args.nodes if args.nodes is not None else 1
-    with dragon_nb.start(nodes=nodes, workers_per_node=args.workers_per_node,
-                         cpus_per_node=args.cpus_per_node, **_network_kwargs(args)) as rt:
+    with dragon_nb.start(**{"nodes": 1, **args.start}) as rt:
         print(node_table(rt))
         print(f"\n{len(rt.nodes())} node(s), {rt.cpu_count()} core(s) in all")
         if rt.join_command():
@@ -147,25 +112,48 @@ def cmd_agent(argv) -> int:
 
 def cmd_demo(args) -> int:
     from dragon_nb import demo
-    return demo.main(nodes=args.nodes or 4, files=args.files)
+    return demo.main(nodes=args.start.get("nodes", 4), files=args.files)
+
+
+DESCRIPTION = ("Dragon-style parallel Python on a node runtime: run a script on a fresh "
+               "runtime, show the nodes, join a runtime from another host, or see the demo.")
+DEMO_NODES = dataclasses.replace(options.NODES, help="virtual nodes to start (default 4)")
+DEMO_FILES = options.Option(("--files",), "how many files to generate (default 400)",
+                            type=int, default=400, metavar="F", check=options.at_least(1))
+RUN_HELP = """Run a Python (or Dragon) script on a fresh runtime, stopped when the script ends.
+
+Options may come before or after the script. The script's own arguments follow
+--; without --, the arguments dragon-nb does not know go to the script too.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The dragon-nb parser; the runtime options come from dragon_nb.options,
+    as those of the %dragon magics do."""
+    ap = argparse.ArgumentParser(prog="dragon-nb", description=DESCRIPTION)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run a Python (or Dragon) script on a fresh runtime",
+                         description=RUN_HELP, usage="%(prog)s script.py [options] [-- args]",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("script", help="the script to run (as python runs it, __main__)")
+    options.add_start_options(run)
+    run.set_defaults(func=cmd_run, parser=run)
+    info = sub.add_parser("info", help="start a runtime, print its nodes, stop it",
+                          description="Start a runtime, print a table of its nodes, stop it.")
+    options.add_start_options(info)
+    info.set_defaults(func=cmd_info, parser=info)
+    demo = sub.add_parser("demo", help="count words in generated files across virtual nodes",
+                          description="Count words in generated files across virtual nodes, "
+                                      "with a progress bar per node (default 4 nodes).")
+    options.add_options(demo, [DEMO_NODES, DEMO_FILES])
+    demo.set_defaults(func=cmd_demo, parser=demo)
+    sub.add_parser("agent", help="join a running runtime from this host as a node "
+                                 "(dragon-nb agent --help)", add_help=False)
+    return ap
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="dragon-nb", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a Python (or Dragon) script on a fresh runtime")
-    _add_runtime_args(run)
-    run.add_argument("script")
-    run.set_defaults(func=cmd_run)
-    info = sub.add_parser("info", help="start a runtime and print its nodes")
-    _add_runtime_args(info)
-    info.set_defaults(func=cmd_info)
-    demo = sub.add_parser("demo", help="process generated files across virtual nodes")
-    _add_runtime_args(demo)
-    demo.add_argument("--files", type=int, default=400)
-    demo.set_defaults(func=cmd_demo)
-    sub.add_parser("agent", help="join a running runtime from this host as a node "
-                                 "(dragon-nb agent --help)", add_help=False)
+    ap = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["agent"]:
         return cmd_agent(argv[1:])
@@ -178,6 +166,13 @@ def main(argv=None) -> int:
         args.script_args = unknown + theirs
     else:
         args = ap.parse_args(argv)
+    try:
+        options.check(args, [DEMO_FILES])
+        args.start = options.start_kwargs(args)
+    except ValueError as e:
+        args.parser.error(str(e))           # its usage, the message, exit code 2
+    if getattr(args, "dry_run", False):
+        return cmd_dry_run(args)
     return args.func(args)
 
 

@@ -1,8 +1,9 @@
-"""The IPython extension for dragon-nb (``%load_ext kernel_ext``).
+"""The IPython extension for dragon-nb (``%load_ext dragon_nb`` or ``%load_ext kernel_ext``).
 
-The full front end (magics for Pool, DDict and pipelines, live widgets) is
-its own issue; for now the extension starts and stops the runtime with the
-kernel: ``%dragon start [--nodes N]``, ``%dragon stop``, ``%dragon status``.
+It registers ``%dragon`` (the runtime behind the kernel, Pool maps, DDicts,
+live views; one subcommand per action, ``%dragon ACTION --help`` for its
+options) and ``%%dragon pipeline``, and, under a Jupyter kernel, replaces the
+terminal progress bars by live widgets. See ``kernel_ext/magics.py``.
 """
 from kernel_ext.magics import load_ipython_extension, unload_ipython_extension
 

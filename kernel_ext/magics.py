@@ -1,28 +1,41 @@
-"""``%dragon``: the runtime behind the kernel, Pool maps, live views.
+"""``%dragon``: the runtime behind the kernel, Pool maps, DDicts, live views.
 
-    %dragon start [--nodes N] [--workers-per-node K] [--cpus-per-node C]
-                  [--hosts h1,h2 [--launcher ssh|srun|TEMPLATE] [--listen ADDR] [--dry-run]]
-    %dragon stop | restart | status | nodes
+Each action of ``%dragon`` is an argparse subcommand with only its own options,
+so ``%dragon stop --mem 1GiB`` is an error that names the action and the option,
+and ``%dragon ACTION --help`` (or ``%dragon help ACTION``) shows that action's
+usage. The options that start a runtime (``start``, ``restart``) are those of
+the ``dragon-nb`` command, from ``dragon_nb.options``, so the two cannot drift.
+
+    %dragon start [--nodes N] [--workers-per-node K] [--cpus-per-node C] [--hosts H1,H2]
+                  [--launcher HOW] [--listen ADDR] [--port P] [--timeout S] [--dry-run] ...
+    %dragon stop | restart [runtime options] | status | nodes
     %dragon progress on|off
     %dragon map FUNC ITERABLE [--chunksize N] [--processes P] [-o NAME] [--no-progress]
-    %%dragon pipeline [-o NAME] [--unordered]     (stages in the cell body)
     %dragon ddict create NAME [--managers-per-node M] [--ddict-nodes N] [--mem SIZE]
     %dragon ddict list | show NAME | destroy NAME
+    %dragon help [ACTION]
+    %%dragon pipeline [-o NAME] [--unordered] [--queue-depth N]     (stages in the cell body)
+
+IPython reads ``%dragon start?`` as a question about an object called
+``start``, before the magic sees it; so an action's help is ``--help``.
 """
 from __future__ import annotations
 
+import argparse
 import re
-
+import textwrap
 
 import dragon_nb
+from dragon_nb import options
 from dragon_nb.machine import node_table
+from dragon_nb.options import Option, at_least
 from dragon_nb.pool import progress as PG
 from dragon_nb.runtime import get_runtime
 
 try:
     from IPython.core.error import UsageError
     from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-    from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+    from IPython.utils.process import arg_split
 except ImportError as e:  # pragma: no cover - only without IPython
     raise ImportError("kernel_ext needs IPython: pip install ipython") from e
 
@@ -32,76 +45,220 @@ def in_kernel(shell) -> bool:
     return getattr(shell, "kernel", None) is not None
 
 
+# --- parsing ------------------------------------------------------------------------------
+class HelpShown(Exception):
+    """``--help`` printed an action's help: there is nothing more to do."""
+
+
+class MagicParser(argparse.ArgumentParser):
+    """An argparse parser whose mistakes are IPython UsageErrors (one line under the
+    cell, no traceback, "Run all" stops there), naming the action and showing its
+    usage, and whose ``--help`` returns to the magic instead of exiting."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().rstrip()}\n"
+                         f"({self.prog} --help shows its options)")
+
+    def exit(self, status=0, message=None):
+        if status == 0:
+            raise HelpShown()
+        raise UsageError(message or f"{self.prog} failed")
+
+    @property
+    def takes_nothing(self) -> bool:
+        """No argument or option but --help."""
+        return all(a.option_strings == ["-h", "--help"] for a in self._actions)
+
+
+MAP_OPTIONS = (
+    Option(("--chunksize",), "items per task (default: sized from the input)", type=int,
+           metavar="N", check=at_least(1)),
+    Option(("--processes",), "pool size (default: all cores)", type=int, metavar="P",
+           check=at_least(1)),
+    Option(("-o", "--output"), "name to bind the result list to (default _dragon_map)",
+           metavar="NAME"),
+    Option(("--no-progress",), "no live progress view for this map", flag_only=True),
+)
+DDICT_OPTIONS = (
+    Option(("--managers-per-node",), "DDict managers on each node (default 1)", type=int,
+           metavar="M", check=at_least(1)),
+    Option(("--ddict-nodes",), "nodes to spread it over (default: all)", type=int,
+           metavar="N", check=at_least(1)),
+    Option(("--mem",), "total memory budget, e.g. 512MiB, 2GiB (default 256MiB)",
+           default="256MiB", metavar="SIZE"),
+)
+PIPELINE_OPTIONS = (
+    Option(("-o", "--output"), "name for the result list (default _dragon_pipeline)",
+           default="_dragon_pipeline", metavar="NAME"),
+    Option(("--unordered",), "results as they come, not in input order", flag_only=True),
+    Option(("--queue-depth",), "batches each link between stages may hold (default 4)",
+           type=int, default=4, metavar="N", check=at_least(1)),
+)
+PIPELINE_CELL = """The cell body, one line each:
+  source: ITERABLE                     a name or expression in the notebook
+  stage: FUNC [workers=N] [nodes=0,1]  one line per stage, in order
+"""
+
+
+LINE_EPILOG = """%dragon ACTION --help (or %dragon help ACTION) shows an action's usage and
+options; %dragon start? does not: IPython reads it as a question about an object
+called start. The cell magic %%dragon pipeline runs the pipeline its cell
+describes (%dragon help pipeline).
+"""
+
+
+def _action(actions, name: str, help: str, **kw) -> MagicParser:
+    """A subcommand whose one-line help (in the list of actions) is also its description."""
+    description = textwrap.fill(help[:1].upper() + help[1:] + ".", 79)   # wrapped if raw
+    return actions.add_parser(name, help=help, description=description, **kw)
+
+
+def build_line_parser() -> MagicParser:
+    """The parser of ``%dragon``: one subcommand per action."""
+    top = MagicParser(prog="%dragon", epilog=LINE_EPILOG,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = top.add_subparsers(dest="action", required=True, parser_class=MagicParser)
+    start = _action(actions, "start", "start a runtime of N virtual nodes (and one on each "
+                    "of --hosts); says so if one is running")
+    options.add_start_options(start)
+    restart = _action(actions, "restart", "stop the runtime and start a fresh one, with the "
+                      "same nodes and hosts unless told otherwise")
+    options.add_start_options(restart, dry_run=False)
+    _action(actions, "stop", "stop the runtime: every process and file it made goes")
+    _action(actions, "status", "the live per-node dashboard (a table outside a notebook)")
+    _action(actions, "nodes", "the System/Node table")
+    progress = _action(actions, "progress", "show (or not) a live progress view for every "
+                       "Pool map", usage="%(prog)s on|off")
+    progress.add_argument("state", choices=["on", "off"], metavar="on|off")
+    mapper = _action(actions, "map", "map FUNC over ITERABLE on a pool, with live progress; "
+                     "the list is bound to NAME", usage="%(prog)s FUNC ITERABLE [options]")
+    mapper.add_argument("func", metavar="FUNC", help="a function's name in the notebook")
+    mapper.add_argument("iterable", metavar="ITERABLE", nargs="+",
+                        help="a name or an expression in the notebook")
+    options.add_options(mapper, MAP_OPTIONS)
+    ddict = _action(actions, "ddict", "make, list, show and destroy DDicts", usage="%(prog)s "
+                    "create NAME [options] | list | show NAME | destroy NAME")
+    subs = ddict.add_subparsers(dest="ddict_action", metavar="ACTION", required=True,
+                                parser_class=MagicParser, prog=ddict.prog)
+    create = _action(subs, "create", "a DDict bound to NAME in the notebook (one made "
+                     "before under that name is destroyed)", usage="%(prog)s NAME [options]")
+    create.add_argument("name", metavar="NAME", help="a Python name")
+    options.add_options(create, DDICT_OPTIONS)
+    _action(subs, "list", "the DDicts of this notebook, with their keys and bytes")
+    for name, help in (("show", "the live figures of each of its managers"),
+                       ("destroy", "destroy it: its managers exit, its memory is freed")):
+        _action(subs, name, help).add_argument("name", metavar="NAME", help="its name")
+    helper = _action(actions, "help", "this overview, or an action's usage and options",
+                     usage="%(prog)s [ACTION [ACTION]]")
+    helper.add_argument("topic", nargs="*", metavar="ACTION",
+                        help="e.g. start, ddict create, or pipeline (the cell magic)")
+    return top
+
+
+def build_cell_parser() -> MagicParser:
+    """The parser of ``%%dragon``'s first line (the cell body is read apart)."""
+    top = MagicParser(prog="%%dragon", epilog=PIPELINE_CELL,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    whats = top.add_subparsers(dest="what", required=True, parser_class=MagicParser)
+    pipeline = _action(whats, "pipeline", "run the pipeline the cell describes, with live "
+                       "per-stage figures; the list is bound to NAME", epilog=PIPELINE_CELL,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    options.add_options(pipeline, PIPELINE_OPTIONS)
+    return top
+
+
+def action_parsers(parser: MagicParser, path: tuple = ()) -> dict:
+    """{("ddict", "create"): its parser, ...}: every action of ``parser``, nested ones too."""
+    found = {}
+    for act in parser._subparsers._group_actions if parser._subparsers else ():
+        for name, sub in act.choices.items():
+            found[(*path, name)] = sub
+            found.update(action_parsers(sub, (*path, name)))
+    return found
+
+
+LINE_PARSER, CELL_PARSER = build_line_parser(), build_cell_parser()
+LINE_ACTIONS, CELL_ACTIONS = action_parsers(LINE_PARSER), action_parsers(CELL_PARSER)
+PIPELINE_HELP = CELL_ACTIONS[("pipeline",)].format_usage() + PIPELINE_CELL   # under errors
+
+
+def parse(parser: MagicParser, actions: dict, line: str):
+    """``line`` -> its Namespace (None when it asked for help); a UsageError that
+    names the action and what it does not take, for anything else."""
+    line = re.sub(r"\s+#[^'\"]*$", "", line)    # a "# comment" is the user's, not an argument
+    try:
+        words = arg_split(line)
+    except ValueError as e:                          # an unclosed quote
+        raise UsageError(f"{parser.prog}: {e}") from None
+    try:
+        args, extras = parser.parse_known_args(words)
+    except HelpShown:
+        return None
+    if extras:
+        path = tuple(getattr(args, dest) for dest in ("action", "ddict_action", "what")
+                     if getattr(args, dest, None))
+        raise UsageError(_unrecognized(actions[path], extras, actions))
+    return args
+
+
+def _unrecognized(action: MagicParser, extras: list, actions: dict) -> str:
+    if action.takes_nothing and not any(w.startswith("-") for w in extras):
+        return f"{action.prog} takes no arguments, not {' '.join(extras)!r}"
+    lines = [f"{action.prog}: unrecognized arguments: {' '.join(extras)}"]
+    for flag in (w.split("=", 1)[0] for w in extras if w.startswith("--")):
+        owners = [p.prog for p in actions.values() if flag in p._option_string_actions]
+        if owners:
+            lines.append(f"{flag} is an option of {', '.join(owners)}, not of {action.prog}")
+    lines.append(f"{action.format_usage().rstrip()}\n({action.prog} --help shows its options)")
+    return "\n".join(lines)
+
+
+def _checked(args, opts) -> None:
+    """The options' own checks (``--chunksize must be at least 1``) as UsageErrors."""
+    try:
+        options.check(args, opts)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _magic_doc(parser: MagicParser, first_line: str) -> str:
+    """A magic's docstring (what ``%dragon?`` shows): the overview of its actions."""
+    return f"{first_line}\n\n{parser.format_help()}"
+
+
 @magics_class
 class DragonMagics(Magics):
     started_here = False
 
-    @magic_arguments()
-    @argument("action", choices=["start", "stop", "restart", "status", "nodes", "progress", "map",
-                                 "ddict"],
-              help="what to do")
-    @argument("rest", nargs="*",
-              help="for progress: on|off; for map: FUNC ITERABLE; for ddict: create|list|show|"
-                   "destroy NAME")
-    @argument("--nodes", type=int, default=None, help="virtual nodes to start (default 1)")
-    @argument("--workers-per-node", type=int, default=None,
-              help="default Pool workers per node (default: the node's cores)")
-    @argument("--cpus-per-node", type=int, default=None,
-              help="cores each virtual node claims (default: its share of the host's)")
-    @argument("--hosts", default=None,
-              help="start: also one node on each of these hosts (comma-separated)")
-    @argument("--launcher", default="ssh",
-              help="start: how agents start on --hosts: ssh, srun, or a template with "
-                   "{host} and {command}")
-    @argument("--listen", default=None,
-              help="start: address or interface other hosts reach this one on")
-    @argument("--dry-run", action="store_true",
-              help="start: show the commands that would start agents on --hosts")
-    @argument("--chunksize", type=int, default=None, help="map: items per task")
-    @argument("--processes", type=int, default=None, help="map: pool size (default: all cores)")
-    @argument("-o", "--output", default=None, help="map: name to bind the result list to")
-    @argument("--no-progress", action="store_true", help="map: no progress widget")
-    @argument("--managers-per-node", type=int, default=None, help="ddict create: (default 1)")
-    @argument("--ddict-nodes", type=int, default=None,
-              help="ddict create: nodes to spread it over (default: all)")
-    @argument("--mem", default="256MiB", help="ddict create: total budget, e.g. 512MiB, 2GiB")
     @line_magic
     def dragon(self, line):
-        """Control the dragon-nb runtime behind this kernel.
-
-        %dragon start [--nodes N] [--workers-per-node K] [--cpus-per-node C]
-            start a runtime of N virtual nodes (says so if one is running)
-        %dragon start --hosts h1,h2 [--launcher ssh|srun|TEMPLATE] [--listen ADDR] [--dry-run]
-            and one node on each host, its agent started by the launcher over signed TCP
-        %dragon stop | restart
-        %dragon status      the live per-node dashboard
-        %dragon nodes       the System/Node table
-        %dragon progress on|off
-            show (or not) a live progress widget for every Pool map
-        %dragon map FUNC ITERABLE [--chunksize N] [--processes P] [-o NAME] [--no-progress]
-            map FUNC (a name in the notebook) over ITERABLE (a name or an expression)
-            on a pool, with live progress; the list is bound to NAME (default: _dragon_map)
-        """
-        # a "# comment" after the magic is the user's, not an argument
-        args = parse_argstring(self.dragon, re.sub(r"\s+#[^'\"]*$", "", line))
-        for opt in ("nodes", "workers_per_node", "cpus_per_node", "processes", "chunksize",
-                    "managers_per_node", "ddict_nodes"):
-            value = getattr(args, opt)
-            if value is not None and value < 1:
-                raise UsageError(f"--{opt.replace('_', '-')} must be at least 1, not {value}")
-        if args.action in ("start", "stop", "restart", "status", "nodes") and args.rest:
-            raise UsageError(f"%dragon {args.action} takes no arguments, "
-                             f"not {' '.join(args.rest)!r}")
+        if line.split()[:1] == ["pipeline"]:
+            raise UsageError("pipeline is a cell magic: %%dragon pipeline [options] on the "
+                             "first line of a cell, the stages below it (%dragon help "
+                             "pipeline shows its options)")
+        args = parse(LINE_PARSER, LINE_ACTIONS, line)
+        if args is None:
+            return None
         return getattr(self, f"_{args.action}")(args)
 
+    def _help(self, args):
+        if args.topic[:1] == ["pipeline"]:             # the cell magic's
+            parse(CELL_PARSER, CELL_ACTIONS, " ".join([*args.topic, "--help"]))
+        else:
+            parse(LINE_PARSER, LINE_ACTIONS, " ".join([*args.topic, "--help"]))
+
     # -- runtime -----------------------------------------------------------------
+    def _start_kwargs(self, args, base=None) -> dict:
+        try:
+            return options.start_kwargs(args, base)
+        except ValueError as e:
+            raise UsageError(f"%dragon {args.action}: {e}") from None
+
     def _start(self, args):
+        kwargs = self._start_kwargs(args)
         if args.dry_run:
-            if not args.hosts:
-                raise UsageError("--dry-run shows how agents start on --hosts; none given")
-            from dragon_nb.runtime import hosts
             try:
-                print(hosts.dry_run(args.hosts.split(","), args.launcher, args.listen))
+                print(options.dry_run_text(kwargs))
             except ValueError as e:
                 raise UsageError(str(e)) from None
             return None
@@ -110,12 +267,8 @@ class DragonMagics(Magics):
             print(f"a runtime is already running: {rt!r}")
             print(node_table(rt))
             return None
-        network = {}
-        if args.hosts or args.listen:
-            network = {"hosts": args.hosts, "listen": args.listen, "launcher": args.launcher}
         try:
-            rt = dragon_nb.start(nodes=args.nodes, workers_per_node=args.workers_per_node,
-                                 cpus_per_node=args.cpus_per_node, **network)
+            rt = dragon_nb.start(**kwargs)
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
         DragonMagics.started_here = True
@@ -142,16 +295,20 @@ class DragonMagics(Magics):
 
     def _restart(self, args):
         old = get_runtime(auto_start=False)
-        nodes = args.nodes or (old.n_nodes if old else None)
-        network = {}                       # the same hosts as before, unless told otherwise
-        hosts = args.hosts or (",".join(old.hosts) if old is not None and old.hosts else None)
-        listen = args.listen or (old.listen if old is not None else None)
-        if hosts or listen:
-            launcher = args.launcher if args.hosts or old is None else old.launcher
-            network = {"hosts": hosts, "listen": listen, "launcher": launcher}
+        before = {}                     # the same nodes and hosts as before, unless told otherwise
+        if old is not None:
+            before["nodes"] = old.n_nodes
+            if old.hosts:
+                before.update(hosts=",".join(old.hosts), launcher=old.launcher)
+            if old.listen is not None:
+                before["listen"] = old.listen
+        kwargs = self._start_kwargs(args, before)       # checked before anything stops
         dragon_nb.stop()
-        rt = dragon_nb.start(nodes=nodes, workers_per_node=args.workers_per_node,
-                             cpus_per_node=args.cpus_per_node, **network)
+        try:
+            rt = dragon_nb.start(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"the runtime was stopped, and a new one could not start: "
+                             f"{e}") from None
         DragonMagics.started_here = True
         print(f"dragon-nb runtime restarted: {len(rt.nodes())} node(s)")
 
@@ -179,16 +336,13 @@ class DragonMagics(Magics):
             print(node_table(rt))
 
     def _progress(self, args):
-        if args.rest not in (["on"], ["off"]):
-            raise UsageError("%dragon progress on|off")
-        PG.enabled = args.rest == ["on"]
+        PG.enabled = args.state == "on"
         print(f"progress widgets {'on' if PG.enabled else 'off'}")
 
     # -- pool ----------------------------------------------------------------------
     def _map(self, args):
-        if len(args.rest) < 2:
-            raise UsageError("%dragon map FUNC ITERABLE [--chunksize N] [-o NAME]")
-        fname, expr = args.rest[0], " ".join(args.rest[1:])
+        _checked(args, MAP_OPTIONS)
+        fname, expr = args.func, " ".join(args.iterable)
         ns = self.shell.user_ns
         if fname not in ns:
             raise UsageError(f"name {fname!r} is not defined in the notebook")
@@ -212,12 +366,8 @@ class DragonMagics(Magics):
     ddicts: dict = {}          # name -> DDict made by %dragon ddict create
 
     def _ddict(self, args):
-        usage = ("%dragon ddict create NAME [--managers-per-node M] "
-                 "[--ddict-nodes N] [--mem SIZE] | list | show NAME | destroy NAME")
-        if not args.rest:
-            raise UsageError(usage)
-        sub, names = args.rest[0], args.rest[1:]
         from dragon_nb.ddict import DDict
+        sub = args.ddict_action
         if sub == "list":
             found = dict(self.ddicts)           # made here, and any in the namespace
             found.update((k, v) for k, v in self.shell.user_ns.items()
@@ -233,10 +383,9 @@ class DragonMagics(Magics):
                 except Exception as e:          # destroyed, or its runtime stopped
                     print(f"{name}: unavailable ({e})")
             return None
-        if sub not in ("create", "show", "destroy") or len(names) != 1:
-            raise UsageError(usage)
-        name = names[0]
+        name = args.name
         if sub == "create":
+            _checked(args, DDICT_OPTIONS)
             try:
                 size = parse_size(args.mem)
             except ValueError as e:
@@ -277,25 +426,15 @@ class DragonMagics(Magics):
                       f"{st.total_used_bytes} of {st.total_bytes} bytes")
         return None
 
-    @magic_arguments()
-    @argument("what", choices=["pipeline"], help="what the cell defines")
-    @argument("-o", "--output", default="_dragon_pipeline", help="name for the result list")
-    @argument("--unordered", action="store_true", help="results as they come")
-    @argument("--queue-depth", type=int, default=4, help="batches each link may hold")
+    # -- pipelines -----------------------------------------------------------------
     @cell_magic("dragon")
     def dragon_cell(self, line, cell):
-        """Run a pipeline defined in the cell, with live per-stage figures.
-
-        %%dragon pipeline [-o NAME] [--unordered] [--queue-depth N]
-        source: ITERABLE
-        stage: FUNC [workers=N] [nodes=0,1]
-        ...
-        """
         from dragon_nb.pipeline import Pipeline, stage
         try:
-            args = parse_argstring(self.dragon_cell, line)
-            if args.queue_depth < 1:
-                raise UsageError(f"--queue-depth must be at least 1, not {args.queue_depth}")
+            args = parse(CELL_PARSER, CELL_ACTIONS, line)
+            if args is None:
+                return None
+            _checked(args, PIPELINE_OPTIONS)
             source, stages = parse_pipeline_cell(cell, self.shell.user_ns)
             stages = [stage(f, workers=w, nodes=n) for f, w, n in stages]
         except (UsageError, ValueError, NameError, TypeError) as e:
@@ -320,6 +459,13 @@ class DragonMagics(Magics):
         return None
 
 
+DragonMagics.dragon.__doc__ = _magic_doc(
+    LINE_PARSER, "Control the dragon-nb runtime behind this kernel: %dragon ACTION [options].")
+DragonMagics.dragon_cell.__doc__ = _magic_doc(
+    CELL_PARSER, "Run what the cell defines: %%dragon pipeline [options], its stages in the "
+                 "cell.")
+
+
 def parse_size(text: str) -> int:
     """'512MiB', '2GiB', '1000000' -> bytes."""
     units = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
@@ -333,12 +479,6 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise ValueError(f"a size must be positive, not {text!r}")
     return int(value)
-
-
-PIPELINE_HELP = """%%dragon pipeline [-o NAME] [--unordered] [--queue-depth N]
-source: ITERABLE                     a name or expression in the notebook
-stage: FUNC [workers=N] [nodes=0,1]  one line per stage, in order
-"""
 
 
 def parse_pipeline_cell(cell: str, ns: dict):

@@ -5,6 +5,12 @@ their async forms) carries a ``CallProgress`` that the pool's I/O thread
 updates as results arrive: items done per node, exactly, for this call.
 Front ends (the notebook widgets, a terminal bar) register an *observer*;
 the pool calls it when a call starts, so the pool never imports a front end.
+
+The one exception is the default: the terminal bar (``dragon_nb.widgets.text``,
+which imports nothing heavy) is added the first time the observers are used,
+if stderr is a terminal or ``DRAGON_NB_PROGRESS=text``. Deciding that here,
+not at ``import dragon_nb``, keeps that import from loading the pool; a front
+end that replaces the bar (the notebook widgets) removes it as before.
 """
 from __future__ import annotations
 
@@ -14,7 +20,19 @@ import time
 
 _observers: list = []
 _lock = threading.Lock()
+_defaults_added = False
 enabled = True          # global switch: False turns every progress view off
+
+
+def _add_default_observers() -> None:
+    """Add the terminal bar if it is wanted, once; the caller holds ``_lock``."""
+    global _defaults_added
+    if _defaults_added:
+        return
+    _defaults_added = True
+    from dragon_nb.widgets import text
+    if text.wanted():
+        _observers.insert(0, text.show_call)
 
 
 class CallProgress:
@@ -75,12 +93,14 @@ class CallProgress:
 def add_observer(observer) -> None:
     """``observer(pool, progress)`` is called as each map-family call starts."""
     with _lock:
+        _add_default_observers()
         if observer not in _observers:
             _observers.append(observer)
 
 
 def remove_observer(observer) -> None:
     with _lock:
+        _add_default_observers()
         if observer in _observers:
             _observers.remove(observer)
 
@@ -89,6 +109,7 @@ def notify_start(pool, progress: CallProgress, show: bool | None) -> None:
     if show is False or (show is None and not enabled):
         return
     with _lock:
+        _add_default_observers()
         observers = list(_observers)
     for observer in observers:
         try:

@@ -371,7 +371,7 @@ class Agent:
 
 
 def arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    ap.add_argument("--head", "--connect", dest="head", required=True,
+    ap.add_argument("--connect", "--head", dest="head", metavar="ADDRESS", required=True,
                     help="the head's address, e.g. tcp://10.0.0.1:5555")
     ap.add_argument("--key-file", default=None,
                     help="the runtime's connection file (0600), or - to read the key "
