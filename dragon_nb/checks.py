@@ -33,3 +33,39 @@ def positive_int(name: str, value) -> int:
     if value < 1:
         raise ValueError(f"{name} must be a positive integer, not {value!r}")
     return operator.index(value)
+
+
+def non_negative_int(name: str, value) -> int:
+    """``value`` as an int >= 0, or a TypeError/ValueError naming ``name``."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int >= 0, not {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0, not {value!r}")
+    return operator.index(value)
+
+
+def optional(check, name: str, value):
+    """``check(name, value)`` unless ``value`` is None."""
+    return None if value is None else check(name, value)
+
+
+def callable_or_none(name: str, value):
+    """``value`` (a callable or None), or a TypeError naming ``name``."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable, not {value!r}")
+    return value
+
+
+def arguments(name: str, value, of: str) -> tuple:
+    """``value`` (the positional arguments for ``of``) as a tuple, or a TypeError."""
+    try:
+        return tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a tuple of arguments for {of}, not {value!r}") from None
+
+
+def instance_or_none(name: str, value, cls: type, what: str):
+    """``value`` (a ``cls`` or None), or a TypeError saying it must be ``what``."""
+    if value is not None and not isinstance(value, cls):
+        raise TypeError(f"{name} must be {what} or None, not {value!r}")
+    return value

@@ -23,7 +23,7 @@ from dragon_nb.ddict import connection as ddict_connection
 from dragon_nb.telemetry import TelemetryMonitor
 from dragon_nb.wire import protocol as P
 
-from conftest import PYTHON
+from conftest import PYTHON, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -484,15 +484,15 @@ def test_the_node_telemetry_shows_ddict_bytes_and_keys_per_node(runtime, d):
     k0, k1 = keys_on(d, 0, 2), keys_on(d, 1, 1)
     for k in k0 + k1:
         d[k] = b"x" * 10_000
+    seen = {}
+
+    def counted():
+        seen.clear()
+        seen.update({node: rec["owners"].get(d.owner, {})
+                     for node, rec in mon.snapshot().items()})
+        return seen.get(0, {}).get("keys") == 2 and seen.get(1, {}).get("keys") == 1
     with TelemetryMonitor(runtime) as mon:
-        deadline = time.monotonic() + 10
-        seen = {}
-        while time.monotonic() < deadline:
-            seen = {node: rec["owners"].get(d.owner, {})
-                    for node, rec in mon.snapshot().items()}
-            if seen.get(0, {}).get("keys") == 2 and seen.get(1, {}).get("keys") == 1:
-                break
-            time.sleep(0.05)
+        wait_until(counted, 10, lambda: f"the telemetry to count the keys (it shows {seen})")
     assert seen[0]["keys"] == 2 and seen[1]["keys"] == 1
     stats = d.dstats
     assert seen[0]["bytes"] == stats[0].total_used_bytes > 20_000
@@ -632,9 +632,8 @@ def test_managers_exit_when_their_runtime_stops():
         pids = manager_pids(dd)
     finally:
         rt.stop()
-    deadline = time.monotonic() + 5
-    while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not any(psutil.pid_exists(p) for p in pids), 5,
+               "the managers to exit with their runtime")
     assert not any(psutil.pid_exists(p) for p in pids)
     assert not os.path.exists(rt.rundir)
     with pytest.raises(DDictError, match="is not running"):
@@ -661,10 +660,8 @@ def test_managers_exit_when_their_creator_is_killed():
         proc.kill()
         proc.wait()
         proc.stdout.close()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (os.path.exists(rundir) or
-                                           any(psutil.pid_exists(p) for p in pids)):
-        time.sleep(0.05)
+    wait_until(lambda: not (os.path.exists(rundir) or any(psutil.pid_exists(p) for p in pids)),
+               10, "the managers and the runtime directory to go with their creator")
     assert not any(psutil.pid_exists(p) for p in pids)
     assert not os.path.exists(rundir)
 

@@ -27,6 +27,7 @@ from dragon_nb.ddict import lifecycle as L
 from dragon_nb.ddict.errors import (DDictError, DDictFullError, DDictKeyError,
                                     DDictTimeoutError)
 from dragon_nb.ddict.pickling import dumps_key, dumps_value, loads_key, loads_value
+from dragon_nb.ddict.records import records
 from dragon_nb.ddict.views import DDictItemsView, DDictKeysView, DDictValuesView
 from dragon_nb.runtime.client import get_runtime
 from dragon_nb.wire import protocol as P
@@ -84,11 +85,10 @@ class DDict:
                  total_mem: int = DDICT_MIN_SIZE, *, name: str = "", timeout=None,
                  nodes=None, runtime=None, **options):
         L.check_options(options)
-        nodes = L.check_arguments(name, timeout, nodes, runtime)
+        sizes, nodes = L.check_arguments((managers_per_node, n_nodes, total_mem), name,
+                                         timeout, nodes, runtime)
         rt = runtime or get_runtime()
-        state, conn = L.start_managers(
-            rt, managers_per_node, n_nodes, total_mem, name=name, timeout=timeout,
-            nodes=nodes, ping_timeout=DEFAULT_TIMEOUT if timeout is None else timeout)
+        state, conn = L.start_managers(rt, *sizes, name=name, timeout=timeout, nodes=nodes)
         self._setup(state, creator=True)
         self._runtime = rt
         self._conn, self._conn_pid = conn, os.getpid()
@@ -96,7 +96,7 @@ class DDict:
     def _setup(self, state: dict, creator: bool, chosen=None, life=None):
         self._state = state
         self._owner = state["owner"]
-        self._managers = state["managers"]
+        self._managers = records(state["managers"])    # ManagerRecords
         self._n = len(self._managers)
         t = state.get("timeout")
         self._timeout = DEFAULT_TIMEOUT if t is None else float(t)
@@ -408,7 +408,7 @@ class DDict:
     def local_managers(self) -> list[int]:
         """Ids of the managers on this process's node (node 0 in the client)."""
         here = _local_node()
-        return [m[0] for m in self._managers if m[1] == here]
+        return [m.mid for m in self._managers if m.node == here]
 
     @property
     def local_manager(self):
@@ -423,7 +423,7 @@ class DDict:
 
     @property
     def manager_nodes(self) -> list[ManagerNode]:
-        return [ManagerNode(m[1], f"node{m[1]}", m[2]) for m in self._managers]
+        return [ManagerNode(m.node, f"node{m.node}", m.hostname) for m in self._managers]
 
     def local_keys(self) -> DDictKeysView:
         return DDictKeysView(self, self.local_managers, local=True)
@@ -576,7 +576,7 @@ class DDict:
     def __repr__(self):
         state = "destroyed" if self._life.destroyed else "detached" if self._detached else ""
         name = f" {self.get_name()!r}" if self.get_name() else ""
-        nodes = sorted({m[1] for m in self._managers})
+        nodes = sorted({m.node for m in self._managers})
         one = f" manager={self._chosen}" if self._chosen is not None else ""
         return (f"<dragon_nb.DDict{name} {self._owner} managers={self._n} nodes={nodes}"
                 f"{one}{' ' + state if state else ''}>")

@@ -7,11 +7,15 @@ each process that uses a handle (a fork gets its own: ``connection_for``
 looks at the pid) and shared by that process's handles of the same DDict.
 
 Every wait has a way out: replies are awaited in slices of at most 100 ms;
-after each slice the manager's process is checked (same host: pid, start time,
-not a zombie), so a dead manager is reported as a ``DDictError`` naming it
-within about a slice, and a live one that does not answer gives a
-``DDictTimeoutError`` at the deadline. A reply that comes after its request
-gave up is recognised by its request id and dropped.
+after each slice the manager is checked: its process through the liveness
+layer (``ProcessRef.alive``: same pid space, pid, start time, not a zombie) and,
+on TCP, its link through the runtime's one link watcher (``network.LinkWatch``:
+lost and refused ``REFUSALS_DEAD`` times in a row, nobody listens there any
+more). So a dead manager is reported as a ``DDictError`` naming it within about
+a slice, and a live one that does not answer gives a ``DDictTimeoutError`` at
+the deadline. A reply that comes after its request gave up is recognised by its
+request id and dropped; a link the watcher saw cut and dialled again
+(``LinkWatch.redials``) gets a request that may be sent twice sent again.
 
 Ordering: a request waits for its reply before the next is sent, so the two
 paths cannot overtake each other, except for batch messages, which have no
@@ -28,11 +32,10 @@ import time
 import weakref
 from typing import NamedTuple
 
-import psutil
 import zmq
-import zmq.utils.monitor
 
 from dragon_nb.ddict.errors import DDictError, DDictTimeoutError
+from dragon_nb.ddict.records import ManagerRecord
 from dragon_nb.runtime import network
 from dragon_nb.runtime.client import zmq_context
 from dragon_nb.wire import protocol as P
@@ -72,28 +75,29 @@ class Reply(NamedTuple):
 
 
 class Link:
-    """One manager, as this process reaches it."""
+    """One manager (``rec``, a ``ManagerRecord``), as this process reaches it."""
 
-    __slots__ = ("mid", "node", "hostname", "address", "lane_path", "pid", "ctime",
-                 "pid_space", "zsock", "zslice", "lane", "lslice", "lane_usable", "zmq_only",
-                 "dead", "watch", "connected", "refused", "ever_connected", "redials")
+    __slots__ = ("rec", "mid", "proc", "zsock", "zslice", "lane", "lslice", "lane_usable",
+                 "zmq_only", "dead", "watch")
 
-    def __init__(self, mid, node, hostname, address, lane_path, pid, ctime, pid_space):
-        self.mid, self.node, self.hostname = mid, node, hostname
-        self.address, self.lane_path, self.pid, self.ctime = address, lane_path, pid, ctime
-        self.pid_space = pid_space       # whose processes can look at `pid` (and its lane)
+    def __init__(self, rec: ManagerRecord):
+        self.rec = rec = ManagerRecord.from_state(rec)
+        self.mid = rec.mid
+        self.proc = rec.proc             # its process, for the liveness layer
         self.zsock = self.lane = None
         self.zslice = self.lslice = None
-        self.lane_usable = bool(lane_path)       # none across hosts (TCP runtimes)
+        self.lane_usable = bool(rec.lane_path)   # none across hosts (TCP runtimes)
         self.zmq_only = False
         self.dead: str | None = None     # why it cannot be reached any more
-        self.watch = None                # a TCP link's connection events (monitor socket)
-        self.connected = self.ever_connected = False
-        self.refused = 0                 # connection attempts failed since the last success
-        self.redials = 0                 # times its TCP link was cut and made again
+        self.watch: network.LinkWatch | None = None    # a TCP link's events
+
+    @property
+    def redials(self) -> int:
+        """Times its TCP link was cut and made again (as of the watcher's last look)."""
+        return self.watch.redials if self.watch is not None else 0
 
     def describe(self) -> str:
-        return f"DDict manager {self.mid} (node {self.node}, pid {self.pid})"
+        return f"DDict manager {self.mid} (node {self.rec.node}, pid {self.rec.pid})"
 
 
 class Connection:
@@ -101,9 +105,8 @@ class Connection:
         self.pid = os.getpid()
         self.name = name
         self.tombstone = tombstone
-        self.pid_space = network.pid_space()
         self.lock = threading.Lock()
-        self.links = [Link(*m) for m in managers]
+        self.links = [Link(m) for m in managers]
         # the creator passes its runtime's network; a handle unpickled in a service
         # process takes that process's
         self.net = net if net is not None else network.current()
@@ -171,8 +174,7 @@ class Connection:
         link = self.links[mid]
         if link.dead is not None:
             raise DDictError(link.dead)
-        own = Link(link.mid, link.node, link.hostname, link.address, link.lane_path,
-                   link.pid, link.ctime, link.pid_space)
+        own = Link(link.rec)
         own.zsock = self._new_zsock(own)
         with self.lock:
             rid = self._next_rid()
@@ -245,13 +247,13 @@ class Connection:
             return Reply(status, vflags, arg, data[REP.size:], [])
 
     def _open_lane(self, link: Link):
-        if link.pid_space != self.pid_space:
+        if not link.proc.local:          # its lane is a path on another host
             link.lane_usable = False
             return None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             _set_timeouts(sock, SLICE_S)
-            sock.connect(link.lane_path)
+            sock.connect(link.rec.lane_path)
         except OSError:
             sock.close()
             return None          # zmq will tell whether the manager is there
@@ -268,12 +270,11 @@ class Connection:
         sock = zmq_context().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.RECONNECT_IVL, 10)
-        if link.address.startswith("tcp://"):   # no pid to look at: watch the connection
-            link.watch = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
-                                                 | zmq.EVENT_CONNECT_RETRIED)
+        address = link.rec.address
         if self.net is not None:
-            return self.net.connect(sock, link.address)
-        sock.connect(link.address)
+            link.watch = self.net.watch_links(sock)     # TCP: watch the link (else None)
+            return self.net.connect(sock, address)
+        sock.connect(address)
         return sock
 
     def _zsend(self, link: Link, frame, bufs, op, deadline, timeout):
@@ -281,7 +282,7 @@ class Connection:
         if sock is None:
             sock = link.zsock = self._new_zsock(link)
         elif link.watch is not None:
-            self._watch(link)    # a redial before this request is not one during it
+            link.watch.poll()    # a redial before this request is not one during it
         if self.key is not None:
             bufs = self.signer.sign([frame, *bufs])[1:]
         while True:
@@ -358,44 +359,19 @@ class Connection:
                          f"{P.DD_OP_NAMES.get(op, op)}; it may or may not have happened")
 
     def alive(self, link: Link) -> bool:
-        """Is the manager's process there? On this host, its pid says; on another, its
-        connection: one that was lost and cannot be made again (refused, unreachable)
-        means nobody listens there any more. True when it cannot be told."""
-        if link.watch is not None:
-            self._watch(link)
-            if link.refused >= REFUSALS_DEAD:
-                return False
-        if link.pid_space != self.pid_space:
-            return True          # no way to look; the deadline decides
-        try:
-            proc = psutil.Process(link.pid)
-            if link.ctime and abs(proc.create_time() - link.ctime) > 0.01:
-                return False     # the pid was reused
-            return proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
+        """Is the manager there? Its link, on TCP: one lost and refused again and again
+        has nobody listening at its other end (``LinkWatch.gone``); its process, where
+        this process can look at its pid (``ProcessRef.alive``). True when neither can
+        tell: the deadline decides."""
+        if link.watch is not None and link.watch.gone(REFUSALS_DEAD):
             return False
-        except psutil.Error:
-            return True
-
-    @staticmethod
-    def _watch(link: Link) -> None:
-        """Read what happened to a TCP link: made, lost, refused, made again."""
-        while link.watch.poll(0):
-            event = zmq.utils.monitor.recv_monitor_message(link.watch)["event"]
-            if event == zmq.EVENT_CONNECTED:
-                link.redials += link.ever_connected
-                link.connected = link.ever_connected = True
-                link.refused = 0
-            elif event == zmq.EVENT_DISCONNECTED:
-                link.connected = False
-            elif event == zmq.EVENT_CONNECT_RETRIED and not link.connected:
-                link.refused += 1
+        return link.proc.alive() is not False
 
     def _mark_dead(self, link: Link) -> DDictError:
         if link.dead is None:
             if os.path.exists(self.tombstone):
                 link.dead = f"the DDict {self.name!r} has been destroyed"
-            elif link.watch is not None and link.pid_space != self.pid_space:
+            elif link.watch is not None and not link.proc.local:
                 link.dead = (f"{link.describe()} cannot be reached: it exited or was killed, "
                              f"its DDict {self.name!r} was destroyed, or its host is gone; "
                              f"the keys it held are lost; the other managers keep serving")
@@ -417,11 +393,7 @@ def _set_timeouts(sock: socket.socket, seconds: float):
 
 def _close_link(link: Link, linger=None):
     if link.watch is not None:
-        try:
-            link.zsock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        link.watch.close(linger=0)
+        link.watch.close()
         link.watch = None
     if link.zsock is not None:
         link.zsock.close(linger=linger)

@@ -3,11 +3,12 @@
 ``start_managers`` asks the runtime to fork ``managers_per_node`` managers on
 each chosen node (one spawn request per node, so ``ctx.index`` runs 0.. on
 every node and each manager's addresses follow from its node and index), waits
-until every one answers, and returns the state a handle carries: per manager
-``[id, node, hostname, zmq address, lane path, pid, start time, pid space]``
-(the pid and its start time mean something only to processes in that pid space:
-``network.pid_space``). If anything
-fails, the managers already started are killed.
+until every one answers, and returns the state a handle carries, with one ``ManagerRecord`` per manager
+(``records.py``: in the state, as a list of built-in values). Managers are
+processes of the liveness layer (``runtime/liveness.py``): reaped and killed
+through their ``ProcessRef``. On TCP, each manager reports the address it bound
+over a ``protocol.Channel`` (BOUND). If anything fails, the managers already
+started are killed.
 """
 from __future__ import annotations
 
@@ -19,16 +20,16 @@ import signal
 import time
 import uuid
 
-import psutil
 import zmq
 
-from dragon_nb.checks import node_ids
+from dragon_nb.checks import instance_or_none, node_ids, positive_int
 from dragon_nb.ddict import connection as C
 from dragon_nb.ddict.errors import DDictError
-from dragon_nb.runtime import network
+from dragon_nb.ddict.records import ManagerRecord, records, to_state
+from dragon_nb.runtime import liveness, network
 from dragon_nb.runtime.client import Runtime, zmq_context
 from dragon_nb.wire import protocol as P
-from dragon_nb.tunables import DESTROY_EXIT_WAIT_S
+from dragon_nb.tunables import DEFAULT_TIMEOUT, DESTROY_EXIT_WAIT_S
 
 MANAGER_ENTRY = "dragon_nb.ddict.manager:main"
 
@@ -63,16 +64,29 @@ def check_timeout(timeout) -> None:
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
 
 
-def check_arguments(name, timeout, nodes, runtime):
-    """The constructor's keyword arguments, before anything is started -> ``nodes``
-    as a list (or None)."""
+def check_sizes(managers_per_node, n_nodes, total_mem) -> tuple[int, int, int]:
+    """The constructor's positional arguments, as ints >= 1. A value that is no int
+    at all is a ValueError too (as DDict has always said), with checks' message."""
+    out = []
+    for what, v in (("managers_per_node", managers_per_node), ("n_nodes", n_nodes),
+                    ("total_mem", total_mem)):
+        try:
+            out.append(positive_int(what, v))
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+    return tuple(out)
+
+
+def check_arguments(sizes, name, timeout, nodes, runtime):
+    """The constructor's arguments, before anything is started -> (``sizes``:
+    (managers_per_node, n_nodes, total_mem) as ints, ``nodes`` as a list or None)."""
+    sizes = check_sizes(*sizes)
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, not {name!r}")
     check_timeout(timeout)
     nodes = node_ids(nodes)
-    if runtime is not None and not isinstance(runtime, Runtime):
-        raise TypeError(f"runtime must be a dragon_nb.Runtime or None, not {runtime!r}")
-    return nodes
+    instance_or_none("runtime", runtime, Runtime, "a dragon_nb.Runtime")
+    return sizes, nodes
 
 
 def _choose_nodes(rt, n_nodes: int, nodes) -> tuple[list, dict]:
@@ -93,12 +107,12 @@ def _choose_nodes(rt, n_nodes: int, nodes) -> tuple[list, dict]:
 
 
 def start_managers(rt, managers_per_node: int, n_nodes: int, total_mem: int, *,
-                   name: str, timeout, nodes, ping_timeout: float):
-    """Start and ping the managers -> (handle state, this process's Connection)."""
-    for what, v in (("managers_per_node", managers_per_node), ("n_nodes", n_nodes),
-                    ("total_mem", total_mem)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{what} must be a positive integer, not {v!r}")
+                   name: str, timeout, nodes, ping_timeout: float | None = None):
+    """Start and ping the managers -> (handle state, this process's Connection).
+    ``ping_timeout``: how long they may take to answer (default: ``timeout``'s)."""
+    if ping_timeout is None:
+        ping_timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    managers_per_node, n_nodes, total_mem = check_sizes(managers_per_node, n_nodes, total_mem)
     nodes, by_id = _choose_nodes(rt, n_nodes, nodes)
     count = managers_per_node * len(nodes)
     budget = total_mem // count
@@ -107,7 +121,7 @@ def start_managers(rt, managers_per_node: int, n_nodes: int, total_mem: int, *,
     owner = f"ddict-{uuid.uuid4().hex[:12]}"
     prefix = f"{rt.rundir}/{owner}"
     tombstone = f"{prefix}.destroyed"
-    managers: list = []
+    managers: list[ManagerRecord] = []
     report = _bound_report(rt)       # TCP: managers bind where they run and say where
     try:
         for pos, node in enumerate(nodes):
@@ -116,17 +130,16 @@ def start_managers(rt, managers_per_node: int, n_nodes: int, total_mem: int, *,
                                  "name": name, "tombstone": tombstone,
                                  "report": report and report[1]}, 5)
             procs = rt.spawn(MANAGER_ENTRY, spec, managers_per_node, owner, nodes=[node])
-            space = by_id[node].get("pid_space") or ""
-            for index, (n, pid) in enumerate(procs):
+            for index, ref in enumerate(liveness.refs(rt, procs)):
                 base = f"{prefix}-{node}-{index}"
-                managers.append([pos * managers_per_node + index, n, by_id[n]["hostname"],
-                                 "ipc://" + base, base + ".lane", pid,
-                                 _start_time(pid) if space == network.pid_space() else 0.0,
-                                 space])
+                managers.append(ManagerRecord(
+                    pos * managers_per_node + index, ref.node, by_id[ref.node]["hostname"],
+                    "ipc://" + base, base + ".lane", ref.pid, ref.start_time,
+                    ref.pid_space))
         if report is not None:
-            for mid, address in _await_bound(report[0], len(managers), ping_timeout,
-                                             rt.network).items():
-                managers[mid][3], managers[mid][4] = address, ""
+            for mid, address in _await_bound(report[0], len(managers),
+                                             ping_timeout).items():
+                managers[mid] = managers[mid]._replace(address=address, lane_path="")
         conn = C.connection_for(owner, managers, name, tombstone, rt.network)
         for mid, rep in enumerate(conn.request_many(range(count), P.DD_PING,
                                                     timeout=ping_timeout)):
@@ -138,82 +151,70 @@ def start_managers(rt, managers_per_node: int, n_nodes: int, total_mem: int, *,
     finally:
         if report is not None:
             report[0].close(linger=0)
-    state = {"owner": owner, "name": name, "timeout": timeout, "managers": managers,
+    state = {"owner": owner, "name": name, "timeout": timeout, "managers": to_state(managers),
              "tombstone": tombstone, "budget": budget,
              "managers_per_node": managers_per_node}
     return state, conn
 
 
 def kill_managers(rt, managers) -> None:
-    if managers and rt.alive:
-        try:
-            rt.kill([(m[1], m[5]) for m in managers], signal.SIGKILL)
-        except Exception:
-            pass
+    """SIGKILL them: directly where they are ours to signal, else through their agents."""
+    if managers:
+        liveness.signal_all(rt, [m.proc for m in managers], signal.SIGKILL)
 
 
 def reap_managers(rt, managers) -> None:
-    """After DD_DESTROY: wait for the managers to exit; SIGKILL the late ones."""
-    procs = []
-    for m in managers:
-        if m[7] != network.pid_space():
-            continue                       # its pid is not one of ours to look at
-        try:
-            procs.append(psutil.Process(m[5]))
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=DESTROY_EXIT_WAIT_S)
-    late = {p.pid for p in alive}
-    kill_managers(rt, [m for m in managers if m[5] in late])
+    """After DD_DESTROY: wait for the managers to exit; SIGKILL the late ones (those
+    this process can look at: the others' exits are their agents' to see)."""
+    late = liveness.wait_gone([m.proc for m in managers], DESTROY_EXIT_WAIT_S)
+    if late:
+        liveness.signal_all(rt, late, signal.SIGKILL)
 
 
 def _bound_report(rt):
-    """On a TCP runtime: (ROUTER, address) the managers report their addresses to."""
+    """On a TCP runtime: (Channel on a ROUTER, address) the managers report their
+    addresses to."""
     if not rt.network.tcp:
         return None
     sock = zmq_context().socket(zmq.ROUTER)
-    return sock, rt.network.bind(sock, f"ddict-report-{uuid.uuid4().hex[:8]}")
+    address = rt.network.bind(sock, f"ddict-report-{uuid.uuid4().hex[:8]}")
+    return P.Channel(sock, rt.network.codec(), routed=True), address
 
 
-def _await_bound(sock, count: int, timeout: float, net) -> dict:
+def _await_bound(channel: P.Channel, count: int, timeout: float) -> dict:
     """-> {manager id: address} from each manager's BOUND message."""
-    codec = P.Codec(net.key)
     found: dict = {}
     deadline = time.monotonic() + timeout
     while len(found) < count:
         left = deadline - time.monotonic()
-        if left <= 0 or not sock.poll(left * 1000):
+        if left <= 0 or not channel.poll(left * 1000):
             raise DDictError(f"{count - len(found)} of {count} DDict managers did not "
                              f"start within {timeout:g} s")
         try:
-            kind, body, _ = codec.decode(sock.recv_multipart()[1:])
+            _, kind, body, _ = channel.recv()
         except P.ProtocolError:
             continue
         if kind == P.BOUND and isinstance(body, dict):
-            found[int(body["manager"])] = str(body["address"])
+            try:
+                found[int(body["manager"])] = str(body["address"])
+            except (KeyError, TypeError, ValueError):
+                continue
     return found
-
-
-def _start_time(pid: int) -> float:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return 0.0
 
 
 def check_endpoints(state: dict) -> None:
     """A serialized DDict may only point at this user's private runtime folders:
     replies are unpickled, so an address from elsewhere would be code from elsewhere."""
+    managers = records(state["managers"])
     net = network.current()
     if net is not None and net.key is not None and \
-            all(str(m[3]).startswith("tcp://") for m in state["managers"]):
+            all(m.address.startswith("tcp://") for m in managers):
         return            # every reply must carry this runtime's signature to be read
     paths = [state.get("tombstone") or ""]
-    for m in state["managers"]:
-        address, lane = m[3], m[4]
-        if not str(address).startswith("ipc://"):
-            raise DDictError(f"not a serialized DDict of this host: address {address!r}")
-        paths += [str(address)[len("ipc://"):], str(lane)]
+    for m in managers:
+        if not m.address.startswith("ipc://"):
+            raise DDictError(f"not a serialized DDict of this host: address {m.address!r}")
+        paths += [m.address[len("ipc://"):], m.lane_path]
     for path in paths:
         folder = os.path.dirname(os.path.abspath(path))
         ok = os.path.basename(folder).startswith(f"dnb-{os.getuid()}-")

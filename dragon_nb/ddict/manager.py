@@ -76,9 +76,9 @@ class Manager:
         self.router.setsockopt(zmq.LINGER, 1000)
         if net.tcp:
             address = net.bind(self.router, os.path.basename(base))
-            report = net.connect(self.zctx.socket(zmq.DEALER), spec["report"])
-            report.send_multipart(net.codec().encode(P.BOUND, {"manager": mid,
-                                                               "address": address}))
+            report = P.Channel(net.connect(self.zctx.socket(zmq.DEALER), spec["report"]),
+                               net.codec())
+            report.send(P.BOUND, {"manager": mid, "address": address})
             report.close(linger=2000)
         else:
             self.router.bind("ipc://" + base)

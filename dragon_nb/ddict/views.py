@@ -19,16 +19,16 @@ class _Scoped:
 
     __slots__ = ()
 
-    def _setup(self, ddict, managers, local):
+    def _setup(self, ddict, mids, local):
         self._mapping = ddict
-        self._managers = list(managers)
+        self._mids = list(mids)
         self._local = local
 
     def _covers(self, key) -> bool:
-        return not self._local or self._mapping.which_manager(key) in self._managers
+        return not self._local or self._mapping.which_manager(key) in self._mids
 
     def __len__(self):
-        return self._mapping._length(self._managers)
+        return self._mapping._length(self._mids)
 
     def __reversed__(self):
         raise TypeError("DDict keys have no order, so a view cannot be reversed")
@@ -41,43 +41,43 @@ class _Scoped:
     def __repr__(self):
         where = "local " if self._local else ""
         return (f"<{type(self).__name__} of {self._mapping!r}, {where}managers "
-                f"{self._managers}>")
+                f"{self._mids}>")
 
 
 class DDictKeysView(_Scoped, KeysView):
-    __slots__ = ("_managers", "_local")
+    __slots__ = ("_mids", "_local")
 
     def __init__(self, ddict, managers, local: bool = False):
         self._setup(ddict, managers, local)
 
     def __iter__(self):
-        return self._mapping._iter_keys(self._managers)
+        return self._mapping._iter_keys(self._mids)
 
     def __contains__(self, key):
         return self._covers(key) and key in self._mapping
 
 
 class DDictValuesView(_Scoped, ValuesView):
-    __slots__ = ("_managers", "_local")
+    __slots__ = ("_mids", "_local")
 
     def __init__(self, ddict, managers, local: bool = False):
         self._setup(ddict, managers, local)
 
     def __iter__(self):
-        return (v for _, v in self._mapping._iter_items(self._managers))
+        return (v for _, v in self._mapping._iter_items(self._mids))
 
     def __contains__(self, value):
         return any(v is value or v == value for v in self)
 
 
 class DDictItemsView(_Scoped, ItemsView):
-    __slots__ = ("_managers", "_local")
+    __slots__ = ("_mids", "_local")
 
     def __init__(self, ddict, managers, local: bool = False):
         self._setup(ddict, managers, local)
 
     def __iter__(self):
-        return self._mapping._iter_items(self._managers)
+        return self._mapping._iter_items(self._mids)
 
     def __contains__(self, item):
         key, value = item
