@@ -162,3 +162,33 @@ def env_with_pkg():
 
 
 PYTHON = sys.executable
+
+
+# --- waiting on a condition instead of sleeping (issue 12) ----------------------------
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "the condition",
+               interval: float = 0.05):
+    """Poll ``predicate`` until it returns something true, and return that; fail
+    the test, saying ``what`` did not happen, if ``timeout`` seconds pass first.
+    ``what`` may be a callable, called for the message (to show the state then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what() if callable(what) else what}: not within {timeout} s")
+        time.sleep(interval)
+
+
+def thread_in(thread, *where: str) -> bool:
+    """True if ``thread`` (a running threading.Thread of this process) is, right now,
+    inside one of the functions ``where`` names: ``"file.py:function"``, matched
+    against the end of each of its frames' ``path:function``."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        here = f"{frame.f_code.co_filename}:{frame.f_code.co_name}"
+        if any(here.endswith(w) for w in where):
+            return True
+        frame = frame.f_back
+    return False

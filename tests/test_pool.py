@@ -18,7 +18,7 @@ import pytest
 import dragon_nb
 from dragon_nb import Pool, PoolBrokenError, WorkerLostError
 
-from conftest import PYTHON
+from conftest import PYTHON, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -171,8 +171,13 @@ def test_failing_initializer_is_an_error_not_a_respawn_loop(runtime):
     try:
         with pytest.raises(PoolBrokenError, match="initializer says no"):
             p.map(square, range(4))
-        time.sleep(0.5)
-        assert p._dispatcher.spawned == 2       # no replacement was started
+        d = p._dispatcher
+        # a replacement would be started as the failed workers are reaped: wait until
+        # both were, then until the I/O thread has gone round once more
+        wait_until(lambda: not d.workers, 20, lambda: f"the workers whose initializer "
+                   f"failed were not reaped (left: {list(d.workers)})")
+        d.repopulate()                          # a no-op on a broken pool: a barrier
+        assert d.spawned == 2                   # no replacement was started
         with pytest.raises(PoolBrokenError):
             p.apply(square, (2,))
     finally:
@@ -192,14 +197,17 @@ def test_unpicklable_result_is_a_maybe_encoding_error(runtime):
 def test_killed_worker_is_replaced_and_its_tasks_rerun(runtime):
     with Pool(2) as p:
         result = p.map_async(slow_square, range(60), chunksize=1)
-        time.sleep(0.4)
+        workers = p._dispatcher.workers
+
+        def victim_busy():          # both workers up, the first running chunks of the map
+            return len(p._pool) == 2 and any(
+                w.pid == p._pool[0].pid and w.outstanding for w in list(workers.values()))
+        wait_until(victim_busy, 20, "the map's chunks did not reach the first worker")
         victim = p._pool[0].pid
         os.kill(victim, signal.SIGKILL)
         assert result.get(timeout=30) == [x * x for x in range(60)]
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (
-                len(p._pool) != 2 or victim in [w.pid for w in p._pool]):
-            time.sleep(0.05)
+        wait_until(lambda: len(p._pool) == 2 and victim not in [w.pid for w in p._pool], 10,
+                   lambda: f"the killed worker {victim} was not replaced: {p._pool}")
         assert len(p._pool) == 2 and victim not in [w.pid for w in p._pool]
         assert p.map(square, range(5)) == [0, 1, 4, 9, 16]
 
@@ -361,10 +369,21 @@ def shout(x):
 
 
 def test_worker_output_reaches_the_caller_prefixed_with_node_and_pid(runtime, capsys):
+    printed = ["", ""]
+
+    def shown(*patterns):               # what the workers printed, up to now
+        o, e = capsys.readouterr()
+        printed[0] += o
+        printed[1] += e
+        return all(re.search(pt, printed[i], re.M) for i, pt in patterns)
+
     with Pool(2) as p:
         p.map(shout, range(3))
-        time.sleep(0.2)
-    out, err = capsys.readouterr()
+        wait_until(lambda: shown(*[(0, rf"^\[node\d pid\d+\] item {x}$") for x in range(3)],
+                                 *[(1, rf"^\[node\d pid\d+\] warning {x}$") for x in range(3)]),
+                   10, lambda: f"the workers' output did not all arrive: {printed}")
+    shown()
+    out, err = printed
     for x in range(3):
         assert re.search(rf"^\[node\d pid\d+\] item {x}$", out, re.M), out
         assert re.search(rf"^\[node\d pid\d+\] warning {x}$", err, re.M), err
@@ -377,10 +396,19 @@ def flood(_):
 
 
 def test_an_output_flood_is_rate_limited_and_says_so(runtime, capsys):
+    printed = ["", ""]
+
+    def dropped_said():
+        o, e = capsys.readouterr()
+        printed[0] += o
+        printed[1] += e
+        return "characters of output dropped" in printed[1]
+
     with Pool(1) as p:
         assert p.apply(flood, (0,)) == "done"
-        time.sleep(0.3)
-    out, err = capsys.readouterr()
+        wait_until(dropped_said, 10, lambda: f"no word of dropped output in {printed[1][-500:]!r}")
+    dropped_said()
+    out, err = printed
     assert out.count("\n") < 200_000
     assert "characters of output dropped" in err
 

@@ -298,3 +298,19 @@ def _wait(predicate, what, timeout=10.0):
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def test_a_zombie_is_dead_but_not_gone_until_it_is_reaped():
+    """A pool waits for the agent's word on how a worker ended while its zombie is
+    there; only a reaped (or reused) pid is gone by the look of it."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3)
+    try:
+        ref = liveness.ProcessRef(0, pid, network.pid_space(), liveness.start_time(pid))
+        _wait(lambda: psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, "the zombie")
+        assert ref.alive() is False and not ref.gone()
+    finally:
+        os.waitpid(pid, 0)
+    assert ref.gone()
+    assert not liveness.ProcessRef(0, pid, "another-kernel/1").gone()

@@ -10,12 +10,15 @@ gets its chunks re-run once on another worker, then the job fails with an
 error naming the worker and node.
 
 User threads talk to it only through ``submit``/``cancel``/``close``/... which
-queue a command and poke a pipe.
+queue a command and poke a pipe. What it reads is handled through two tables:
+``MESSAGES`` (worker -> pool wire kinds) and ``COMMANDS`` (those queued
+commands, named below); per-job and per-worker state is in ``state``. Whether a
+worker is alive, and signals to it, go through ``runtime.liveness``: a
+``ProcessRef`` per worker, made as it is spawned.
 """
 from __future__ import annotations
 
 import collections
-import contextvars
 import logging
 import os
 import signal
@@ -23,12 +26,13 @@ import sys
 import threading
 import time
 import uuid
-import weakref
 
 import zmq
 
 from dragon_nb.errors import CallCancelledError, PoolBrokenError, WorkerLostError
+from dragon_nb.pool.state import Job, WorkerHandle, WorkerState, lost, worker_id  # noqa: F401
 from dragon_nb.pool.worker import APPLY
+from dragon_nb.runtime import liveness
 from dragon_nb.runtime.client import drain_events, exit_reason, zmq_context
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
@@ -41,6 +45,20 @@ MAX_WINDOW = 256
 START_WINDOW = 2
 MAX_BATCH_BYTES = 4 << 20
 WORKER_ENTRY = "dragon_nb.pool.worker:main"
+
+# what user threads ask of the I/O thread (in-process commands, not wire messages):
+# ``(command, arg, *more)`` on ``Dispatcher.commands``, run by the COMMANDS table
+SUBMIT = "submit"            # job, its chunks (None: lazy, fed later)
+FEED = "feed"                # job id, one more chunk
+END = "end"                  # job id, how many chunks it has
+FEED_ERROR = "feed_error"    # job id, position, the exception its input raised
+CANCEL = "cancel"            # job id
+CLOSE = "close"              # None: finish the jobs, then stop the workers
+TERMINATE = "terminate"      # None: stop now
+REPOPULATE = "repopulate"    # an Event, set once missing workers were started
+
+MESSAGES = P.Handlers("pool")                 # worker -> pool: handler(body, worker, bufs)
+COMMANDS = P.Handlers("pool I/O thread")      # user thread -> I/O thread: handler(arg, *more)
 
 
 def _emit(context, stream: str, text: str) -> None:
@@ -57,84 +75,6 @@ def _emit(context, stream: str, text: str) -> None:
         log.debug("could not write worker output", exc_info=True)
 
 
-class WorkerHandle:
-    """One entry of ``Pool._pool``: what the stdlib's Process objects offer there."""
-
-    def __init__(self, node: int, pid: int):
-        self.node, self.pid = node, pid
-        self._alive = True
-
-    def is_alive(self) -> bool:
-        return self._alive
-
-    @property
-    def name(self) -> str:
-        return f"DragonPoolWorker-{self.node}-{self.pid}"
-
-    def __repr__(self):
-        return f"<WorkerHandle node={self.node} pid={self.pid} alive={self._alive}>"
-
-
-class _Gone:
-    """Stands in for the result of a lazy call whose iterator the caller dropped."""
-    _success = None
-    _window = None
-
-    def _set(self, *a):
-        return True
-
-    _set_many = _set_length = _set
-
-    def _fail(self, *a):
-        pass
-
-    _note_size = _fail
-
-
-_GONE = _Gone()
-
-
-class Job:
-    __slots__ = ("id", "mode", "fid", "func_blob", "_result", "pending", "total",
-                 "received", "cancelled", "name", "progress", "context")
-
-    def __init__(self, jid, mode, fid, func_blob, result, name, progress=None, weak=False):
-        self.id, self.mode, self.fid, self.func_blob = jid, mode, fid, func_blob
-        # a lazy call's iterator is held weakly: dropping it cancels the call
-        self._result = weakref.ref(result) if weak else result
-        self.name, self.progress = name, progress
-        # the caller's context: worker output is written inside it, so a notebook
-        # shows it under the cell that made the call (ipykernel keeps the cell's
-        # parent header in a context variable)
-        self.context = contextvars.copy_context()
-        # chunks: [idx, payload, bufs, attempts, first item's position in the input]
-        self.pending: collections.deque = collections.deque()
-        self.total = None
-        self.received = 0
-        self.cancelled = False
-
-    @property
-    def result(self):
-        r = self._result
-        if isinstance(r, weakref.ref):
-            r = r()
-            return _GONE if r is None else r
-        return r
-
-
-class WorkerState:
-    def __init__(self, node, pid):
-        self.node, self.pid = node, pid
-        self.wid = f"w{node}-{pid}".encode()
-        self.handle = WorkerHandle(node, pid)
-        self.connected = False
-        self.sent = 0
-        self.outstanding: dict = {}     # (job id, idx) -> (job, chunk), in send order
-        self.funcs: set = set()
-        self.exit_code = None
-        self.exit_deadline = None       # set when its exit is known
-
-
 class Dispatcher:
     def __init__(self, runtime, processes, maxtasks, spec: dict, nodes=None,
                  task_retries: int = TASK_RETRIES):
@@ -144,8 +84,6 @@ class Dispatcher:
         self.maxtasks = maxtasks
         self.nodes = nodes
         self.owner = f"pool-{uuid.uuid4().hex[:12]}"
-        # nodes in this process's pid space: their workers' pids can be signalled here
-        self.local_nodes = runtime.nodes_here()
         ctx = zmq_context()
         net = runtime.network
         self.router = P.Channel(ctx.socket(zmq.ROUTER), net.codec(), routed=True)
@@ -159,6 +97,8 @@ class Dispatcher:
         self._wake_lock = threading.Lock()
         self._wake_pending = False
         self.workers: dict[bytes, WorkerState] = {}
+        self.on_message = MESSAGES.bind(self)
+        self.on_command = COMMANDS.bind(self)
         self.handles: list[WorkerHandle] = []
         self.jobs: dict[int, Job] = {}
         self.contexts: collections.OrderedDict = collections.OrderedDict()  # job -> context
@@ -185,8 +125,8 @@ class Dispatcher:
         self.thread.start()
 
     # -- called from user threads ----------------------------------------------
-    def _command(self, *cmd):
-        self.commands.append(cmd)
+    def _command(self, command: str, arg=None, *more):
+        self.commands.append((command, arg, *more))
         if self._wake_pending:          # the thread will see this command anyway
             return
         with self._wake_lock:
@@ -203,7 +143,7 @@ class Dispatcher:
         if self.finished.is_set():
             job.result._fail(self.broken or PoolBrokenError("the pool has stopped"))
             return
-        self._command("submit", job, chunks)
+        self._command(SUBMIT, job, chunks)
         if self.finished.is_set():      # the thread ended meanwhile: nobody will read it
             self._fail_leftovers()
 
@@ -214,39 +154,40 @@ class Dispatcher:
                 cmd = self.commands.popleft()
             except IndexError:
                 return
-            if cmd[0] == "submit":
+            if cmd[0] == SUBMIT:
                 cmd[1].result._fail(self.broken or PoolBrokenError("the pool has stopped"))
 
     def feed_error(self, job_id: int, idx: int, exc: BaseException):
         """The lazy input of a job raised: ``exc`` takes position ``idx`` and ends it."""
-        self._command("feed_error", job_id, idx, exc)
+        self._command(FEED_ERROR, job_id, idx, exc)
 
     def feed(self, job_id: int, chunk):
-        self._command("feed", job_id, chunk)
+        self._command(FEED, job_id, chunk)
 
     def end(self, job_id: int, total: int):
-        self._command("end", job_id, total)
+        self._command(END, job_id, total)
 
     def cancel(self, job_id: int):
-        self._command("cancel", job_id)
+        self._command(CANCEL, job_id)
 
     def close(self):
-        self._command("close")
+        self._command(CLOSE)
 
     def terminate(self):
-        self._command("terminate")
+        self._command(TERMINATE)
 
     def repopulate(self, timeout=30.0):
         done = threading.Event()
-        self._command("repopulate", done)
+        self._command(REPOPULATE, done)
         done.wait(timeout)
 
     # -- workers ----------------------------------------------------------------
     def _spawn(self, count: int):
         procs = self.runtime.spawn(WORKER_ENTRY, self.spec, count, self.owner, nodes=self.nodes)
         self.spawned += len(procs)
-        for node, pid in sorted(procs):
-            w = WorkerState(node, pid)
+        # references made now, so that a pid reused later is not taken for the worker
+        for ref in liveness.refs(self.runtime, sorted(procs)):
+            w = WorkerState(ref)
             self.workers[w.wid] = w
         self._update_handles()
 
@@ -266,13 +207,23 @@ class Dispatcher:
                 self._break(PoolBrokenError(f"cannot start pool workers: {e}"))
 
     def _worker_exited(self, w: WorkerState, code):
+        """Its exit is known: told by an exit event (``code``), or seen (None: its
+        process is gone, the event with the code may still come, within the grace)."""
+        now = time.monotonic()
         if w.exit_deadline is not None:
+            if w.exit_code is None and code is not None:    # seen gone, now told how
+                w.exit_code = code
+                w.exit_deadline = min(w.exit_deadline, now + EXIT_GRACE_S)
             return
         w.exit_code = code
         w.handle._alive = False
-        # results it flushed before dying may still be on their way
-        grace = EXIT_GRACE_S if w.outstanding else 0.0
-        w.exit_deadline = time.monotonic() + grace
+        # results it flushed before dying may still be on their way (and, if it was
+        # seen gone, the exit event that says how it ended: its chunks' errors name it)
+        grace = 0.0
+        if w.outstanding:
+            grace = EXIT_GRACE_S if code is not None or not self.runtime.alive else \
+                max(EXIT_GRACE_S, LIVENESS_S)
+        w.exit_deadline = now + grace
         self._update_handles()
         if not w.connected:          # died before saying hello: start-up is failing
             self.early_deaths.append((w.pid, w.node, code))
@@ -328,35 +279,17 @@ class Dispatcher:
             self.ready.appendleft(job)
 
     def _check_liveness(self):
-        for w in self.workers.values():
-            if w.exit_deadline is None and w.node in self.local_nodes:
-                try:
-                    os.kill(w.pid, 0)
-                except ProcessLookupError:
-                    self._worker_exited(w, None)
-                except PermissionError:      # there, but another user's (a joined agent)
-                    pass
+        for w in lost(self.workers.values()):
+            self._worker_exited(w, None)
         if not self.runtime.alive and self.state != "terminate":
             self._break(PoolBrokenError("the dragon-nb runtime stopped"))
             for w in self.workers.values():
                 self._worker_exited(w, None)
 
     def _signal(self, workers, sig):
-        remote = [(w.node, w.pid) for w in workers if w.node not in self.local_nodes]
-        for w in workers:
-            if w.node not in self.local_nodes:
-                continue
-            try:
-                os.kill(w.pid, sig)
-            except ProcessLookupError:
-                pass
-            except PermissionError:          # another user's agent on this host: ask it
-                remote.append((w.node, w.pid))
-        if remote and self.runtime.alive:
-            try:
-                self.runtime.kill(remote, sig, wait=False)
-            except Exception as e:         # the runtime going away: the exits will tell
-                log.info("could not signal workers %s: %r", remote, e)
+        """Directly where the pid can be seen, else through the agents; never
+        waits on the head (this is the I/O thread)."""
+        liveness.signal_all(self.runtime, [w.ref for w in workers], sig, wait=False)
 
     # -- jobs -------------------------------------------------------------------------
     def _finish(self, job: Job, fail: Exception | None = None, cancelled: bool = False):
@@ -441,8 +374,9 @@ class Dispatcher:
             if not self.ready:
                 break
 
-    # -- messages ---------------------------------------------------------------------
-    def _on_results(self, w: WorkerState, body, bufs):
+    # -- messages: MESSAGES, handler(body, worker, bufs) --------------------------------
+    @MESSAGES.on(P.RESULTS)
+    def _on_results(self, body, w: WorkerState, bufs):
         pos = 0
         batched: dict = {}          # job -> [(idx, ok, value)] for results that take many
         for jid, idx, ok, data, nbufs, dt in body["results"]:
@@ -472,28 +406,23 @@ class Dispatcher:
                                                  job.received >= job.total):
                 self._finish(job)
 
-    def _on_message(self, ident, kind, body, bufs):
-        w = self.workers.get(ident)
-        if w is None:
-            return
-        if kind == P.RESULTS:
-            self._on_results(w, body, bufs)
-        elif kind == P.OUTPUT:
-            self._on_output(w, body)
-        elif kind == P.HELLO:
-            if w.connected and isinstance(body, dict) and body.get("again"):
-                self._requeue(w)        # its connection was redialled: what we sent is lost
-            w.connected = True
-            self.early_deaths.clear()
-            if self.stopping:
-                self.router.send(P.STOP, None, to=w.wid)
-        elif kind == P.INIT_FAILED:
-            exc = PoolBrokenError(
-                f"the pool initializer failed in worker pid {w.pid} on node {w.node}: "
-                f"{body.get('summary')}\n\nRemote traceback:\n{body.get('error')}")
-            self._break(exc)
+    @MESSAGES.on(P.HELLO)
+    def _on_hello(self, body, w: WorkerState, bufs):
+        if w.connected and isinstance(body, dict) and body.get("again"):
+            self._requeue(w)        # its connection was redialled: what we sent is lost
+        w.connected = True
+        self.early_deaths.clear()
+        if self.stopping:
+            self.router.send(P.STOP, None, to=w.wid)
 
-    def _on_output(self, w: WorkerState, body):
+    @MESSAGES.on(P.INIT_FAILED)
+    def _on_init_failed(self, body, w: WorkerState, bufs):
+        self._break(PoolBrokenError(
+            f"the pool initializer failed in worker pid {w.pid} on node {w.node}: "
+            f"{body.get('summary')}\n\nRemote traceback:\n{body.get('error')}"))
+
+    @MESSAGES.on(P.OUTPUT)
+    def _on_output(self, body, w: WorkerState, bufs):
         """Worker prints, each line prefixed with where it came from."""
         prefix = f"[node{w.node} pid{w.pid}] "
         merged: list = []                 # adjacent writes of one job and stream, joined
@@ -517,55 +446,67 @@ class Dispatcher:
             _emit(None, "stderr", f"{prefix}... {body['dropped']} characters of output dropped "
                                   f"(more than the worker's print budget)\n")
 
-    def _on_command(self, cmd):
-        op = cmd[0]
-        if op == "submit":
-            _, job, chunks = cmd
-            if self.broken is not None:
-                job.result._fail(self.broken)
+    # -- commands: COMMANDS, handler(arg, *more) ---------------------------------------
+    @COMMANDS.on(SUBMIT)
+    def _on_submit(self, job: Job, chunks):
+        if self.broken is not None:
+            job.result._fail(self.broken)
+            return
+        self.jobs[job.id] = job
+        self.contexts[job.id] = job.context
+        while len(self.contexts) > 256:
+            self.contexts.popitem(last=False)
+        if chunks is not None:
+            job.pending.extend(chunks)
+            job.total = len(chunks)
+            if not chunks:
+                self._finish(job)
                 return
-            self.jobs[job.id] = job
-            self.contexts[job.id] = job.context
-            while len(self.contexts) > 256:
-                self.contexts.popitem(last=False)
-            if chunks is not None:
-                job.pending.extend(chunks)
-                job.total = len(chunks)
-                if not chunks:
-                    self._finish(job)
-                    return
+            self.ready.append(job)
+
+    @COMMANDS.on(FEED)
+    def _on_feed(self, job_id, chunk):
+        job = self.jobs.get(job_id)
+        if job is not None and not job.cancelled:
+            job.pending.append(chunk)
+            if job not in self.ready:
                 self.ready.append(job)
-        elif op == "feed":
-            job = self.jobs.get(cmd[1])
-            if job is not None and not job.cancelled:
-                job.pending.append(cmd[2])
-                if job not in self.ready:
-                    self.ready.append(job)
-        elif op == "end":
-            job = self.jobs.get(cmd[1])
-            if job is not None:
-                job.total = cmd[2]
-                if job.result._set_length(cmd[2]) or job.received >= job.total:
-                    self._finish(job)
-        elif op == "feed_error":
-            _, jid, idx, exc = cmd
-            job = self.jobs.get(jid)
-            if job is not None:
-                job.received += 1
-                job.total = idx + 1
-                done = job.result._set(idx, False, exc)
-                if job.result._set_length(idx + 1) or done or job.received >= job.total:
-                    self._finish(job)
-        elif op == "cancel":
-            self._cancel(cmd[1])
-        elif op == "close":
-            if self.state == "run":
-                self.state = "close"
-        elif op == "terminate":
-            self.state = "terminate"
-        elif op == "repopulate":
-            self._repopulate()
-            cmd[1].set()
+
+    @COMMANDS.on(END)
+    def _on_end(self, job_id, total):
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.total = total
+            if job.result._set_length(total) or job.received >= job.total:
+                self._finish(job)
+
+    @COMMANDS.on(FEED_ERROR)
+    def _on_feed_error(self, job_id, idx, exc):
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.received += 1
+            job.total = idx + 1
+            done = job.result._set(idx, False, exc)
+            if job.result._set_length(idx + 1) or done or job.received >= job.total:
+                self._finish(job)
+
+    @COMMANDS.on(CANCEL)
+    def _on_cancel(self, job_id):
+        self._cancel(job_id)
+
+    @COMMANDS.on(CLOSE)
+    def _on_close(self, _):
+        if self.state == "run":
+            self.state = "close"
+
+    @COMMANDS.on(TERMINATE)
+    def _on_terminate(self, _):
+        self.state = "terminate"
+
+    @COMMANDS.on(REPOPULATE)
+    def _on_repopulate(self, done: threading.Event):
+        self._repopulate()
+        done.set()
 
     # -- the loop ---------------------------------------------------------------------
     def _run(self):
@@ -586,7 +527,7 @@ class Dispatcher:
                         pass
                 self._wake_pending = False      # before reading commands: none is missed
                 while self.commands:
-                    self._on_command(self.commands.popleft())
+                    self.on_command(*self.commands.popleft())
                 if self.router.sock in events:
                     for _ in range(256):
                         try:
@@ -596,7 +537,13 @@ class Dispatcher:
                         except P.ProtocolError as e:
                             _dropped("dropped malformed message: %s", e)
                             continue
-                        self._on_message(ident, kind, body, bufs)
+                        w = self.workers.get(ident)
+                        if w is None:
+                            continue            # a worker already reaped, or a stranger
+                        try:
+                            self.on_message(kind, body, w, bufs)
+                        except P.UnknownMessage as e:
+                            _dropped("dropped a message: %s", e)
                 if self.sub.sock in events:
                     self._on_exit_events()
                 now = time.monotonic()
@@ -645,6 +592,6 @@ class Dispatcher:
     def _on_exit_events(self):
         for body in drain_events(self.sub):
             for node, pid, code in body.get("procs", ()):
-                w = self.workers.get(f"w{node}-{pid}".encode())
+                w = self.workers.get(worker_id(node, pid))
                 if w is not None:
                     self._worker_exited(w, code)

@@ -7,17 +7,17 @@ pool's I/O thread (see ``dispatcher``), which workers pull from directly.
 from __future__ import annotations
 
 import itertools
-import operator
 import pickle
 import threading
 import warnings
 import weakref
 from multiprocessing.pool import CLOSE, INIT, RUN, TERMINATE
 
-from dragon_nb.checks import is_int, node_ids
+from dragon_nb import checks
 from dragon_nb.pool import progress as PG
 from dragon_nb.pool import results as R
-from dragon_nb.pool.dispatcher import Dispatcher, Job
+from dragon_nb.pool.dispatcher import Dispatcher
+from dragon_nb.pool.state import Job
 from dragon_nb.pool.worker import APPLY, MAP, STARMAP, func_id
 from dragon_nb.runtime.client import Runtime, get_runtime, on_stop, register_entry_module
 from dragon_nb.runtime.launch import caller_environment
@@ -56,7 +56,7 @@ def _pickle_failed(e: Exception, what: str, explained: bool = False):
 
 
 def _dumps_func(func) -> tuple[str, bytes]:
-    if not callable(func):
+    if not callable(func):     # the stdlib's words (the message names the value, not "func")
         raise TypeError(f"{func!r} is not callable")
     try:
         blob = S.dumps_function(func)
@@ -98,30 +98,20 @@ class Pool:
                  maxtasksperchild=None, context=None, *, nodes=None, task_retries=1,
                  runtime=None):
         self._state = INIT
-        if not is_int(task_retries):
-            raise TypeError(f"task_retries must be an int >= 0, not {task_retries!r}")
-        task_retries = operator.index(task_retries)
-        if task_retries < 0:
-            raise ValueError(f"task_retries must be an int >= 0, not {task_retries!r}")
-        if processes is not None:
-            if not is_int(processes):
-                raise TypeError(f"processes must be a positive int or None, not {processes!r}")
-            processes = operator.index(processes)
-            if processes < 1:
-                raise ValueError("Number of processes must be at least 1")
-        if maxtasksperchild is not None:
-            if not is_int(maxtasksperchild) or maxtasksperchild <= 0:
-                raise ValueError("maxtasksperchild must be a positive int or None")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
+        task_retries = checks.non_negative_int("task_retries", task_retries)
         try:
-            initargs = tuple(initargs)
-        except TypeError:
-            raise TypeError(f"initargs must be a tuple of arguments for the initializer, "
-                            f"not {initargs!r}") from None
-        nodes = node_ids(nodes)
-        if runtime is not None and not isinstance(runtime, Runtime):
-            raise TypeError(f"runtime must be a dragon_nb.Runtime or None, not {runtime!r}")
+            processes = checks.optional(checks.positive_int, "processes", processes)
+        except ValueError:                # multiprocessing.Pool's words: callers look for them
+            raise ValueError("Number of processes must be at least 1") from None
+        try:
+            maxtasksperchild = checks.optional(checks.positive_int, "maxtasksperchild",
+                                               maxtasksperchild)
+        except TypeError as e:            # multiprocessing.Pool raises ValueError here too
+            raise ValueError(str(e)) from None
+        checks.callable_or_none("initializer", initializer)
+        initargs = checks.arguments("initargs", initargs, "the initializer")
+        nodes = checks.node_ids(nodes)
+        checks.instance_or_none("runtime", runtime, Runtime, "a dragon_nb.Runtime")
         init_blob = None
         if initializer is not None:
             try:
@@ -215,8 +205,8 @@ class Pool:
             chunksize, extra = divmod(len(iterable), self._processes * 4)
             if extra:
                 chunksize += 1
-        elif not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
+        else:
+            chunksize = checks.positive_int("chunksize", chunksize)
         if len(iterable) == 0:
             chunksize = 0
         chunks = []
@@ -255,8 +245,7 @@ class Pool:
 
     def _imap(self, func, iterable, chunksize, cls, progress=None):
         self._check_running()
-        if not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+        chunksize = checks.positive_int("chunksize", chunksize)
         fid, blob = _dumps_func(func)
         it = iter(iterable)
         window = R.Window(IMAP_WINDOW_CHUNKS, IMAP_WINDOW_BYTES)

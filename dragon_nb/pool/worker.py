@@ -37,6 +37,8 @@ FUNC_CACHE = 256
 OUTPUT_FLUSH_BYTES = 8192
 OUTPUT_RATE = 64 * 1024        # bytes per second a worker may print; the rest is dropped
 
+HANDLERS = P.Handlers("pool worker")     # pool -> worker: handler(body, bufs)
+
 
 class TaskCancelled(BaseException):
     """Raised inside a running task whose job was cancelled by the caller."""
@@ -147,13 +149,14 @@ class Worker:
         self.budget_at = time.monotonic()
         self.last_output = time.monotonic()
         self.main_thread = threading.main_thread()
+        self.dispatch = HANDLERS.bind(self)
 
     # -- mailbox ---------------------------------------------------------------
     def drain(self, block_ms: int = 0) -> None:
         """Read every waiting message (waiting up to ``block_ms`` for the first)."""
         if self.redials is not None:
             self.watch_connection()
-        if block_ms and not self.chan.sock.poll(block_ms):
+        if block_ms and not self.chan.poll(block_ms):
             return
         while True:
             try:
@@ -162,28 +165,37 @@ class Worker:
                 return
             except P.ProtocolError:
                 continue
-            if kind == P.TASKS:
-                for fid, blob in body.get("funcs", {}).items():
-                    try:
-                        self.funcs[fid] = S.loads_function(blob)
-                    except Exception as e:
-                        self.funcs[fid] = _Unloadable(e)
-                    if len(self.funcs) > FUNC_CACHE:
-                        self.funcs.popitem(last=False)
-                pos = 0
-                for job, idx, mode, fid, payload, nbufs, start in body["tasks"]:
-                    self.queue.append((job, idx, mode, fid, payload, bufs[pos:pos + nbufs],
-                                       start))
-                    pos += nbufs
-            elif kind == P.CANCEL:
-                self.cancels += 1
-                jobs = set(body["jobs"])
-                self.cancelled |= jobs
-                kept = collections.deque(t for t in self.queue if t[0] not in jobs)
-                self.completed += len(self.queue) - len(kept)   # dropped tasks count
-                self.queue = kept
-            elif kind == P.STOP:
-                self.stopping = True
+            try:
+                self.dispatch(kind, body, bufs)
+            except P.UnknownMessage:
+                continue
+
+    @HANDLERS.on(P.TASKS)
+    def on_tasks(self, body, bufs) -> None:
+        for fid, blob in body.get("funcs", {}).items():
+            try:
+                self.funcs[fid] = S.loads_function(blob)
+            except Exception as e:
+                self.funcs[fid] = _Unloadable(e)
+            if len(self.funcs) > FUNC_CACHE:
+                self.funcs.popitem(last=False)
+        pos = 0
+        for job, idx, mode, fid, payload, nbufs, start in body["tasks"]:
+            self.queue.append((job, idx, mode, fid, payload, bufs[pos:pos + nbufs], start))
+            pos += nbufs
+
+    @HANDLERS.on(P.CANCEL)
+    def on_cancel(self, body, bufs) -> None:
+        self.cancels += 1
+        jobs = set(body["jobs"])
+        self.cancelled |= jobs
+        kept = collections.deque(t for t in self.queue if t[0] not in jobs)
+        self.completed += len(self.queue) - len(kept)   # dropped tasks count
+        self.queue = kept
+
+    @HANDLERS.on(P.STOP)
+    def on_stop(self, body, bufs) -> None:
+        self.stopping = True
 
     def watch_connection(self) -> None:
         if self.redials.poll():               # a redial: say hello again

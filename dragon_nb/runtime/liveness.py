@@ -64,6 +64,21 @@ class ProcessRef:
         except psutil.Error:                      # there, but not ours to look at
             return True
 
+    def gone(self) -> bool:
+        """Is it known here that no process is left under its pid (exited and reaped,
+        or the pid reused)? A zombie is not gone: its agent has yet to reap it and
+        say how it ended. False where it cannot be told."""
+        if not self.local:
+            return False
+        try:
+            proc = psutil.Process(self.pid)
+            return bool(self.start_time) and \
+                abs(proc.create_time() - self.start_time) > REUSE_TOLERANCE_S
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:
+            return False
+
     def signal_here(self, sig: int) -> bool:
         """Send ``sig`` directly; True if sent or nothing is left to signal, False if
         it must go through the agent (not local, or another user's process)."""
@@ -83,7 +98,11 @@ class ProcessRef:
 def refs(runtime, procs) -> list[ProcessRef]:
     """``[(node, pid)]`` just started by ``runtime`` -> references, with each node's
     pid space and, for processes here, their start time."""
-    spaces = {n["id"]: n.get("pid_space") or "" for n in runtime.nodes(refresh=runtime.network.tcp)}
+    wanted = {node for node, _ in procs}
+    table = runtime.nodes()
+    if not wanted <= {n["id"] for n in table}:      # a node that joined since: ask again
+        table = runtime.nodes(refresh=True)
+    spaces = {n["id"]: n.get("pid_space") or "" for n in table}
     here = network.pid_space()
     out = []
     for node, pid in procs:
