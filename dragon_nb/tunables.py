@@ -47,7 +47,7 @@ OUTPUT_FLUSH_S = 0.2          # a print shows up in the caller within about this
 # --- pipelines ---------------------------------------------------------------------------
 BATCH_TARGET_S = 0.005        # aim for about this much work per batch
 STAGE_POLL_MS = 200           # a stage worker looks at its control socket this often
-LINK_REFEEDS = 20             # re-feeds after cut links (uncharged) a pipeline allows
+LINK_REFEEDS = 20             # times a batch may be fed in again after cut links (uncharged)
 
 # --- DDict --------------------------------------------------------------------------------
 WAIT_GRACE_S = 1.0            # wait_for: how much longer than its timeout to wait

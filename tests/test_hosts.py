@@ -134,6 +134,27 @@ def test_pipeline_links_cut_while_the_hosts_stay_are_redialled_and_nothing_is_lo
 
 
 @pytest.mark.timeout(150)
+def test_a_pipeline_whose_node_source_loses_a_cut_link_fails_naming_it_not_hangs(
+        hosts, work, env_with_pkg):
+    r = scenario(hosts, "pipeline_node_source_cut", work, env_with_pkg)
+    assert r["done"] >= 1, r                 # the link really was cut
+    assert r["error"] and re.search(r"the source's link to stage 0 \(slow_square\) worker 0 "
+                                    r"on node \d+ \(tcp://.*\) was cut and dialled again: "
+                                    r"the items on it may have been lost", r["error"]), r
+    assert r["took"] < 10, r                 # at once, not when someone gives up waiting
+
+
+@pytest.mark.timeout(150)
+def test_a_pipeline_link_that_keeps_being_cut_is_fed_again_a_limited_number_of_times(
+        hosts, work, env_with_pkg):
+    r = scenario(hosts, "pipeline_flapping_link", work, env_with_pkg)
+    assert r["done"] >= 4, r                 # the link was cut more often than allowed
+    assert not r["finished"] and r["error"], r
+    assert re.search(r"the feeder's link to stage 0 \(slow_cube\) worker 0 on node \d+ "
+                     r"\(tcp://.*\) was cut and dialled again.*LINK_REFEEDS=3", r["error"]), r
+
+
+@pytest.mark.timeout(150)
 def test_ddict_requests_waiting_on_a_cut_connection_are_sent_again_not_timed_out(
         hosts, work, env_with_pkg):
     r = scenario(hosts, "ddict_cut", work, env_with_pkg)

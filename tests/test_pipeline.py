@@ -43,6 +43,31 @@ def where(x):
         multiprocessing.current_process(), "node") else os.getpid()
 
 
+def wait_until(condition, timeout: float, what: str):
+    """Wait for ``condition()`` to be true (-> its value), failing after ``timeout``
+    seconds with a message saying what was waited for."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}")
+        time.sleep(0.02)
+    return value
+
+
+def wait_until_steady(read, steady_s: float, timeout: float, what: str):
+    """Wait for ``read()`` to stay the same for ``steady_s`` -> that value."""
+    deadline = time.monotonic() + timeout
+    value, since = read(), time.monotonic()
+    while time.monotonic() - since < steady_s:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}; still moving: {value}")
+        time.sleep(0.02)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+    return value
+
+
 class FileStore:
     """A picklable mapping that writes each item to a file (stands in for a DDict)."""
 
@@ -76,17 +101,18 @@ def test_a_generator_can_run_on_a_node_as_the_source(runtime):
 
 
 def test_a_slow_stage_slows_the_source(runtime):
-    pulled = itertools.count()
+    pulled = [0]
 
     def endless():
         for i in itertools.count():
-            next(pulled)
+            pulled[0] += 1
             yield i
 
     with Pipeline(endless(), stage(inc), stage(slow_double)) as pipe:
         first = list(itertools.islice(pipe, 50))
-        time.sleep(1.0)                       # the source may run ahead only as far as
-        taken = next(pulled)                  # the bounded queues let it
+        # the source may run ahead only as far as the bounded queues let it: it stops
+        taken = wait_until_steady(lambda: pulled[0], 0.5, 20,
+                                  "the source to stop running ahead of a slow stage")
     assert first == [2 * (x + 1) for x in range(50)]
     assert taken < 50 + 4 * 3 * 256           # queue_depth x links x the largest batch
 
@@ -166,12 +192,11 @@ def test_close_stops_every_stage(runtime):
     assert next(pipe) == 2
     pids = [p for _, _, p in pipe.procs]
     pipe.close()
+    wait_until(lambda: not any(_alive(p) for p in pids), 5,
+               f"the stage workers {pids} to exit after close()")
     for pid in pids:
         with pytest.raises(ProcessLookupError):
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                os.kill(pid, 0)
-                time.sleep(0.05)
+            os.kill(pid, 0)
 
 
 def test_the_last_stage_can_store_results_itself(runtime, tmp_path):
@@ -185,12 +210,15 @@ def test_stage_telemetry_counts_items_in_and_out(runtime):
     with TelemetryMonitor(runtime) as mon, \
             Pipeline(range(2000), stage(inc), stage(double, workers=2)) as pipe:
         assert len(list(itertools.islice(pipe, 2000))) == 2000
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            stats = pipe.stats(mon.snapshot())
-            if all(s["out"] == 2000 for s in stats):
-                break
-            time.sleep(0.1)
+        stats = []
+
+        def counted():
+            stats[:] = pipe.stats(mon.snapshot())
+            return all(s["out"] == 2000 for s in stats)
+        try:
+            wait_until(counted, 5, "telemetry to count 2000 items out of every stage")
+        except AssertionError:
+            pass                               # the assertion below says what it saw
     assert [(s["name"], s["in"], s["out"], s["workers"], s["queued"]) for s in stats] == \
         [("inc", 2000, 2000, 1, 0), ("double", 2000, 2000, 2, 0)]
 
@@ -200,6 +228,17 @@ def test_bad_stages_are_refused():
         stage(42)
     with pytest.raises(ValueError, match="workers"):
         stage(inc, workers=0)
+
+
+def test_argument_mistakes_raise_the_errors_a_pools_do():
+    with pytest.raises(ValueError, match="task_retries"):       # as Pool(task_retries=-1)
+        Pipeline(range(3), stage(inc), task_retries=-1)
+    with pytest.raises(TypeError, match="task_retries"):
+        Pipeline(range(3), stage(inc), task_retries=1.5)
+    with pytest.raises(TypeError, match="key"):
+        Pipeline(range(3), stage(inc), key=5)
+    with pytest.raises(TypeError, match="runtime"):
+        Pipeline(range(3), stage(inc), runtime="x")
 
 
 def test_an_interrupt_while_iterating_stops_every_stage(runtime):
@@ -212,11 +251,12 @@ def test_an_interrupt_while_iterating_stops_every_stage(runtime):
     with pytest.raises(KeyboardInterrupt):
         for _ in pipe:
             pass
-    deadline = time.monotonic() + 5
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if _alive(p)]
-        time.sleep(0.05)
+    try:
+        wait_until(lambda: not any(_alive(p) for p in pids), 5,
+                   "every stage worker to exit after the interrupt")
+    except AssertionError:
+        pass                                   # the assertion below names them
+    alive = [p for p in pids if _alive(p)]
     assert not alive
 
 

@@ -14,7 +14,6 @@ Items are batched on the wire, the batch growing with the measured rate.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -23,23 +22,29 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from dragon_nb import checks
 from dragon_nb.checks import is_int, node_ids, positive_int
 from dragon_nb.errors import PipelineError
+from dragon_nb.pipeline.feeder import Feeder
 from dragon_nb.pipeline.ledger import Ledger, TooManyRetries
+from dragon_nb.runtime import liveness
 from dragon_nb.runtime.client import (Runtime, drain_events, exit_reason, get_runtime,
                                       register_entry_module, zmq_context)
 from dragon_nb.runtime.launch import caller_environment
+from dragon_nb.pipeline.stage_worker import CONTROL_TOPIC, bind_receiver
+from dragon_nb.tunables import LINK_REFEEDS
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
-from dragon_nb.tunables import BATCH_TARGET_S
 
 register_entry_module("dragon_nb.pipeline.stage_worker")
 
 STAGE_ENTRY = "dragon_nb.pipeline.stage_worker:main"
 SOURCE_ENTRY = "dragon_nb.pipeline.stage_worker:source_main"
 log = logging.getLogger("dragon_nb.pipeline")
+CLOSE_GRACE_S = 2.0           # close(): stage workers get this long to obey the stop
 
-MAX_BATCH = 256
+# What the caller reads on its report socket (workers and a node source -> caller).
+REPORTS = P.Handlers("pipeline caller")
 
 
 @dataclass
@@ -72,7 +77,7 @@ def on_node(gen_func, *args, node: int | None = None, batch: int = 16) -> NodeSo
     """A source run on a node: ``gen_func(*args)`` is iterated there, not in the caller."""
     if not callable(gen_func):
         raise TypeError(f"on_node needs a generator function, not {gen_func!r}")
-    if node is not None and not is_int(node):
+    if node is not None and not is_int(node):      # a node id, not a count: no checks helper
         raise TypeError(f"node must be a node id (int) or None, not {node!r}")
     batch = positive_int("batch", batch)
     return NodeSource(gen_func, args, node, batch, getattr(gen_func, "__qualname__", "source"))
@@ -97,7 +102,8 @@ class Pipeline:
     ``queue_depth``: batches each link may hold.
     ``task_retries``: a stage worker that dies is replaced and the batches in
     flight are fed in again, each at most this many times (a source run on a node
-    cannot be fed again: there a dead worker stops the pipeline).
+    cannot be fed again: there a dead worker stops the pipeline, and so does a cut
+    TCP link, which may have lost items).
     """
 
     def __init__(self, source, *stages: Stage, ordered: bool = True, into=None, key=None,
@@ -114,13 +120,10 @@ class Pipeline:
         if into is not None and not hasattr(into, "__setitem__"):
             raise TypeError(f"into must be a mapping (such as a DDict) that results are "
                             f"stored in, not {into!r}")
-        if key is not None and not callable(key):
-            raise TypeError(f"key must be a function key(position, value), not {key!r}")
+        checks.callable_or_none("key (a function key(position, value))", key)
         queue_depth = positive_int("queue_depth", queue_depth)
-        if not is_int(task_retries) or task_retries < 0:
-            raise TypeError(f"task_retries must be an int >= 0, not {task_retries!r}")
-        if runtime is not None and not isinstance(runtime, Runtime):
-            raise TypeError(f"runtime must be a dragon_nb.Runtime or None, not {runtime!r}")
+        task_retries = checks.non_negative_int("task_retries", task_retries)
+        checks.instance_or_none("runtime", runtime, Runtime, "a dragon_nb.Runtime")
         self.runtime = runtime or get_runtime()
         self.stages = stages
         self.ordered = ordered
@@ -128,35 +131,33 @@ class Pipeline:
         self.hwm = queue_depth
         net = self.runtime.network
         ctx = zmq_context()
-        self.codec = net.codec()
         self._closed = False
         self._lock = threading.Lock()
-        self.control = ctx.socket(zmq.PUB)
-        control = net.bind(self.control, f"{self.owner}-ctl")
+        self.control = P.Channel(ctx.socket(zmq.PUB), net.codec())
+        control = net.bind(self.control.sock, f"{self.owner}-ctl")
         self.exits = self.runtime.subscribe(P.TOPIC_EXIT + self.owner.encode())
         # workers bind their outputs where they run and say where on the report socket
-        self.report = ctx.socket(zmq.ROUTER)
-        report = net.bind(self.report, f"{self.owner}-rep")
+        self.report = P.Channel(ctx.socket(zmq.ROUTER), net.codec(), routed=True)
+        report = net.bind(self.report.sock, f"{self.owner}-rep")
+        self._reports = REPORTS.bind(self)
+        self._announced: dict[tuple, str] = {}      # (stage, place) -> input, from BOUND
+        self._cuts: list = []                       # PIPE_LINK reports not yet acted on
         self.procs: list = []                       # (stage index, node, pid)
+        self.refs: dict[tuple, liveness.ProcessRef] = {}   # (node, pid) -> how to reach it
         self.worker_index: dict[tuple, int] = {}    # (node, pid) -> its place in its stage
-        self.local_nodes = self.runtime.nodes_here()
         env = caller_environment()
         common = {**env, "control": control, "report": report, "hwm": self.hwm}
-        self.ledger = None if isinstance(source, NodeSource) else Ledger(task_retries)
-        self._wake = threading.Event()              # the feeder has something to send again
-        self._rewires: list = []                    # (old, new) input of stage 0, for the feeder
-        self.total_batches = None
-        self.source_failure = None
-        self.items_sent = 0
+        self.ledger = None if isinstance(source, NodeSource) else \
+            Ledger(task_retries, LINK_REFEEDS)
+        self._end = None                            # a node source's (batches, failure)
         self._rate = 0.0
         self.feeder = None
-        self.feed_redials = None                    # on TCP: the feeder's links cut and redialled
         # Built from the sink back to the source: every process binds where it
         # *receives* (a PULL) and connects where it sends, so a peer that reaches
         # a bound socket can offer items (signed, or dropped) but never take any.
-        self.sink = ctx.socket(zmq.PULL)
-        self.sink.setsockopt(zmq.RCVHWM, self.hwm)
-        self.sink_address = net.bind(self.sink, f"{self.owner}-sink")
+        self.sink = P.Channel(ctx.socket(zmq.PULL), net.codec())
+        self.sink.sock.setsockopt(zmq.RCVHWM, self.hwm)
+        self.sink_address = bind_receiver(net, self.sink.sock, f"{self.owner}-sink")
         outputs = [self.sink_address]
         self.stage_specs: dict[int, dict] = {}       # stage -> what its workers are given
         self.next_index: dict[int, int] = {}         # stage -> the next worker's place
@@ -180,15 +181,17 @@ class Pipeline:
                 self._spawn(SOURCE_ENTRY, spec, -1,
                             [source.node] if source.node is not None else None)
             else:
-                self.source_push = ctx.socket(zmq.PUSH)
-                self.source_push.setsockopt(zmq.SNDHWM, self.hwm)
-                self.source_push.setsockopt(zmq.IMMEDIATE, 1)   # never to a dead worker
-                self.feed_redials = net.watch_links(self.source_push)
+                push = ctx.socket(zmq.PUSH)
+                push.setsockopt(zmq.SNDHWM, self.hwm)
+                push.setsockopt(zmq.IMMEDIATE, 1)   # never to a dead worker
+                watch = net.watch_links(push)
+                self.feeder = Feeder(self.owner, P.Channel(push, net.codec()), self.ledger,
+                                     watch, rate=lambda: self._rate,
+                                     alive=lambda: self.runtime.alive, connect=net.connect,
+                                     describe=self._describe)
                 for addr in outputs:
-                    net.connect(self.source_push, addr)
-                self.feeder = threading.Thread(target=self._feed, args=(iter(source),),
-                                               name=f"dragon-nb {self.owner} source",
-                                               daemon=True)
+                    net.connect(push, addr)
+                it = iter(source)
         except BaseException:
             self.close()
             raise
@@ -196,9 +199,8 @@ class Pipeline:
         self._next_seq = 0
         self._received = 0
         self._current: list = []
-        self._source_error = None
         if self.feeder is not None:
-            self.feeder.start()
+            self.feeder.start(it)
 
     def _start_worker(self, k: int, index: int, outputs: list, nodes=None):
         st = self.stages[k]
@@ -211,25 +213,39 @@ class Pipeline:
 
     def _inputs(self, stage_index: int, indexes, watch_exits: bool = True) -> dict:
         """Wait for workers of a stage to say where they bound their input -> {index: address}."""
-        found: dict[int, str] = {}
         wanted = set(indexes)
         deadline = time.monotonic() + self.runtime.timeout
-        while not wanted <= set(found):
+        while not all((stage_index, i) in self._announced for i in wanted):
             if time.monotonic() > deadline:
                 raise PipelineError(f"stage {stage_index}'s workers did not start within "
                                     f"{self.runtime.timeout:g} s")
             if watch_exits and self.exits.poll(0):
                 self._on_exit()
-            if not self.report.poll(100):
-                continue
+            if self.report.poll(100):
+                self._read_reports()
+        return {i: self._announced.pop((stage_index, i)) for i in wanted}
+
+    # -- what workers and a node source report ------------------------------------------
+    def _read_reports(self) -> None:
+        for _ident, kind, body, rest in self.report.drain(limit=100):
             try:
-                _, *frames = self.report.recv_multipart()
-                kind, body, _ = self.codec.decode(frames)
-            except (P.ProtocolError, ValueError):
-                continue
-            if kind == P.BOUND and body.get("stage") == stage_index:
-                found[body["index"]] = body["input"]
-        return found
+                self._reports(kind, body, rest)
+            except (P.UnknownMessage, KeyError, TypeError, ValueError):
+                continue                 # not from one of ours (they would be signed)
+
+    @REPORTS.on(P.BOUND)
+    def _on_bound(self, body, rest) -> None:
+        if isinstance(body["stage"], int) and isinstance(body["index"], int):
+            self._announced[(body["stage"], body["index"])] = str(body["input"])
+
+    @REPORTS.on(P.PIPE_END)
+    def _on_end(self, body, rest) -> None:
+        self._end = (int(body["batches"]), S.loads(rest[0]) if rest else None)
+
+    @REPORTS.on(P.PIPE_LINK)
+    def _on_link(self, body, rest) -> None:
+        if isinstance(body, dict):      # acted on by _receive, not while a stage starts
+            self._cuts.append(body)
 
     @property
     def stage_inputs(self) -> dict[int, list]:
@@ -254,101 +270,75 @@ class Pipeline:
         procs = self.runtime.spawn(entry, S.dumps_inline(spec), 1, owner, nodes=nodes)
         for node, pid in procs:
             self.procs.append((stage_index, node, pid))
+        for ref in liveness.refs(self.runtime, procs):
+            self.refs[ref.key] = ref
         return procs
 
-    # -- the source in the caller --------------------------------------------------
-    def _feed(self, it):
-        """The feeder thread: owns ``source_push``; sends the source's batches, and
-        again those the ledger asks for after a stage worker died."""
-        seq = start = 0
-        exhausted = False
-        try:
-            while not self._closed:
-                self._apply_rewires()
-                self._check_feed_links()
-                again = self.ledger.next_resend()
-                if again is not None:
-                    if not self._push(again[1]):
-                        return
-                    continue
-                if exhausted or self.source_failure is not None:
-                    self._wake.wait(0.1)         # done feeding; resends may still come
-                    self._wake.clear()
-                    continue
-                size = max(1, min(MAX_BATCH, int(self._rate * BATCH_TARGET_S)))
-                batch = []
-                began = time.monotonic()
-                try:                 # up to `size` items, but never sit on a slow source's
-                    while len(batch) < size:          # items longer than a batch's worth
-                        batch.append(next(it))
-                        if time.monotonic() - began > BATCH_TARGET_S:
-                            break
-                except StopIteration:
-                    exhausted = True
-                except Exception as e:          # the source failed: after the items before it
-                    from dragon_nb.pipeline.stage_worker import StageFailure
-                    self.source_failure = StageFailure(-1, "source", start + len(batch), 0, e)
-                if batch:
-                    data, bufs = S.dumps_work((batch, {}))
-                    frames = self.codec.encode(P.PIPE_ITEMS, {"seq": seq, "start": start},
-                                               [data, *bufs])
-                    self.ledger.sent(seq, start, len(batch), frames)
-                    if not self._push(frames):
-                        return
-                    seq += 1
-                    start += len(batch)
-                    self.items_sent = start
-                if exhausted or self.source_failure is not None:
-                    self.total_batches = seq
-        except Exception as e:                  # pickling an item failed, say
-            from dragon_nb.pipeline.stage_worker import StageFailure
-            if not self._closed:
-                self.source_failure = StageFailure(-1, "source", start, 0, e)
-            self.total_batches = seq
-        finally:
-            if self._closed:         # close() left the socket to us: we were still using it
-                self._close_source_push()
+    # -- cut links ------------------------------------------------------------------------
+    def _act_on_cuts(self) -> None:
+        while self._cuts:
+            body = self._cuts.pop(0)
+            stage = body.get("stage")
+            sender = "the source" if stage == -1 else f"a stage {stage} worker"
+            self._link_cut(sender, str(body.get("to")), body.get("report", False),
+                           body.get("cut", 1))
 
-    def _push(self, frames) -> bool:
-        """Send one batch to stage 0, waiting while it is full; False if closed meanwhile."""
-        while not self.source_push.poll(200, zmq.POLLOUT):
-            if self._closed or not self.runtime.alive:
-                return False
-            self._apply_rewires()              # the worker we waited for may have died
-            self._check_feed_links()
-        self.source_push.send_multipart(frames, copy=False)
-        return True
-
-    def _check_feed_links(self):
-        for endpoint in self.feed_redials.poll() if self.feed_redials is not None else ():
-            self._link_cut("the feeder", endpoint)
-
-    def _link_cut(self, sender: str, endpoint: str) -> None:
-        """A TCP link into a stage was cut and dialled again: the batches on it are
-        lost. Feed in again all that have not come out (not counted as retries)."""
-        if self.ledger is None:
-            log.warning("%s: %s's link to %s was cut and dialled again; batches on it "
-                        "may be lost, and a source run on a node cannot be fed again",
-                        self.owner, sender, endpoint)
-            return
-        again = self.ledger.send_again(charge=False)
-        log.info("%s: %s's link to %s was cut and dialled again; %d batch(es) fed in again",
-                 self.owner, sender, endpoint, again)
-        self._wake.set()
-
-    def _close_source_push(self):
-        if self.feed_redials is not None:
-            self.feed_redials.close()
-        self.source_push.close(linger=0)
-
-    def _apply_rewires(self):
-        while self._rewires:
-            old, new = self._rewires.pop(0)
+    def _link_cut(self, sender: str, endpoint: str, report: bool = False,
+                  cut: int = 1) -> None:
+        """A TCP link was cut and dialled again. Into a stage (or the sink): the
+        batches on it are lost, and the feeder sends again all that have not come
+        out. ``report``: the sender's report link: a report sent on it may be lost
+        (the feeder sends again once more); ``cut``: how many of the sender's data
+        links had been cut by then."""
+        if self.feeder is not None:
             try:
-                self.source_push.disconnect(old)
-            except zmq.ZMQError:
-                pass
-            self.runtime.network.connect(self.source_push, new)
+                self.feeder.link_cut(sender, endpoint)
+            except PipelineError:
+                self.close()
+                raise
+            return
+        if report and not cut:   # a node source's pipeline: only a report may be lost,
+            log.info("%s: %s's report link was cut and dialled again", self.owner, sender)
+            return                 # and the only one that matters (its end) is sent again
+        self.close()
+        raise PipelineError(
+            f"{sender}'s link to {self._describe(endpoint)} was cut and dialled again: "
+            f"the items on it may have been lost, and a source run on a node cannot be "
+            f"fed again, so the pipeline stops")
+
+    def _describe(self, endpoint: str) -> str:
+        """``endpoint`` as the stage worker (with its node) or the sink it reaches."""
+        port = endpoint.rsplit(":", 1)[-1]
+        if endpoint == self.sink_address or self.sink_address.endswith(":" + port):
+            return f"the caller ({endpoint})"
+        for (k, index), address in list(self._bound.items()):   # (the feeder asks too)
+            if address == endpoint or address.endswith(":" + port):
+                node = next((n for s, n, p in self.procs
+                             if s == k and self.worker_index.get((n, p)) == index), "?")
+                return (f"stage {k} ({self.stages[k].name}) worker {index} on node {node} "
+                        f"({endpoint})")
+        return endpoint
+
+    @property
+    def total_batches(self):
+        """How many batches the source made, once it is done (None before)."""
+        if self.feeder is not None:
+            return self.feeder.total_batches
+        return self._end[0] if self._end is not None else None
+
+    @property
+    def items_sent(self) -> int:
+        return self.feeder.items_sent if self.feeder is not None else 0
+
+    def _take_source_failure(self):
+        """The source's own error (once), if it ended with one."""
+        if self.feeder is not None:
+            failure, self.feeder.failure = self.feeder.failure, None
+        elif self._end is not None:
+            failure, self._end = self._end[1], (self._end[0], None)
+        else:
+            failure = None
+        return failure
 
     # -- results -----------------------------------------------------------------------
     def __iter__(self):
@@ -363,11 +353,10 @@ class Pipeline:
                         return value
                     _raise_failure(value)
                 if self._done():
-                    if self.source_failure is not None:
-                        failure, self.source_failure = self.source_failure, None
-                        self.close()
-                        _raise_failure(failure)
+                    failure = self._take_source_failure()
                     self.close()
+                    if failure is not None:
+                        _raise_failure(failure)
                     raise StopIteration
                 self._receive()
         except KeyboardInterrupt:
@@ -400,33 +389,27 @@ class Pipeline:
             self._next_seq += 1
             return
         poller = zmq.Poller()
-        poller.register(self.sink, zmq.POLLIN)
+        poller.register(self.sink.sock, zmq.POLLIN)
         poller.register(self.exits.sock, zmq.POLLIN)
-        if self.report is not None:
-            poller.register(self.report, zmq.POLLIN)
+        poller.register(self.report.sock, zmq.POLLIN)
         events = dict(poller.poll(500))
         if not events and not self.runtime.alive:     # no head left to report deaths
             self.close()
             raise PipelineError("the dragon-nb runtime stopped under the pipeline")
         if self.exits.sock in events:
             self._on_exit()
-        if self.report is not None and self.report in events:
-            _, *frames = self.report.recv_multipart()
+        if self.report.sock in events:
+            self._read_reports()
+        self._act_on_cuts()
+        if self.feeder is not None and self.feeder.error is not None:
+            self.close()                 # the feeder's own link kept being cut
+            raise self.feeder.error
+        if self.sink.sock in events:
             try:
-                kind, body, rest = self.codec.decode(frames)
-            except (P.ProtocolError, ValueError):
-                kind = None
-            if kind == P.PIPE_END:
-                self.total_batches = body["batches"]
-                self.source_failure = S.loads(rest[0]) if rest else None
-            elif kind == P.PIPE_LINK and isinstance(body, dict):
-                stage = body.get("stage")
-                self._link_cut("the source" if stage == -1 else f"a stage {stage} worker",
-                               str(body.get("to")))
-        if self.sink in events:
-            try:
-                kind, body, rest = self.codec.decode(self.sink.recv_multipart(copy=False))
+                _, kind, body, rest = self.sink.recv()
             except P.ProtocolError:
+                return
+            if kind != P.PIPE_ITEMS or not rest or not isinstance(body, dict):
                 return
             if self.ledger is not None and not self.ledger.arrived(body["seq"]):
                 return                             # sent again, and both copies came out
@@ -464,6 +447,7 @@ class Pipeline:
         """A worker of stage ``k`` died: start another, point stage k-1 (or the
         feeder) at it, and feed in again every batch that had not come out."""
         self.procs.remove((k, node, pid))
+        self.refs.pop((node, pid), None)
         old = self._bound.pop((k, self.worker_index.pop((node, pid))))
         new_index = self.next_index[k]
         self.next_index[k] += 1
@@ -475,10 +459,10 @@ class Pipeline:
             raise PipelineError(f"no replacement could start: {e}") from None
         self._bound[(k, new_index)] = new
         if k == 0:
-            self._rewires.append((old, new))
+            self.feeder.rewire(old, new)
         else:
-            self.control.send_multipart(self.codec.encode(P.EVT, {
-                "op": "rewire", "stage": k, "old": old, "new": new}))
+            self.control.publish(CONTROL_TOPIC, P.EVT, {"op": P.Op.REWIRE, "stage": k,
+                                                        "old": old, "new": new})
         try:
             again = self.ledger.send_again()
         except TooManyRetries as e:
@@ -487,7 +471,8 @@ class Pipeline:
                 f"time(s) and lost each time (task_retries={e.retries})") from None
         log.info("%s: stage %s worker replaced; %d batch(es) fed in again", self.owner, k,
                  again)
-        self._wake.set()
+        if self.feeder is not None:
+            self.feeder.wake.set()
 
     def run(self) -> int:
         """Drain the pipeline; returns the number of items that went through."""
@@ -526,49 +511,23 @@ class Pipeline:
                 return
             self._closed = True
         try:
-            self.control.send_multipart(self.codec.encode(P.EVT, {"op": "stop"}))
+            self.control.publish(CONTROL_TOPIC, P.EVT, {"op": P.Op.STOP})
         except zmq.ZMQError:
             pass
-        self._wake.set()
-        deadline = time.monotonic() + 2.0
-        procs = [(n, p) for _, n, p in self.procs]
-        local = [(n, p) for n, p in procs if n in self.local_nodes]
-        if self.runtime.alive and procs:
-            # give them a moment to see the stop, then make sure (pids on other hosts
-            # cannot be looked at from here: those are killed through their agents)
-            while time.monotonic() < deadline and self._any_alive(local):
-                time.sleep(0.02)
-            alive = [(n, p) for n, p in procs if n not in self.local_nodes
-                     or self._is_alive(n, p)]
-            if alive:
-                try:
-                    self.runtime.kill(alive, signal.SIGKILL)
-                except Exception:
-                    pass
-        feeding = self.feeder is not None and self.feeder.is_alive() and \
-            self.feeder is not threading.current_thread()
-        if feeding:
-            self.feeder.join(1.0)
-            feeding = self.feeder.is_alive()
-        for sock in ("control", "exits", "sink", "report"):
-            s = getattr(self, sock, None)
-            if s is not None:
-                s.close(linger=0)
-        if getattr(self, "source_push", None) is not None and not feeding:
-            self._close_source_push()  # else the feeder, stuck in the source's next(), does
-
-    @staticmethod
-    def _is_alive(node, pid) -> bool:
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-
-    def _any_alive(self, procs) -> bool:
-        return any(self._is_alive(n, p) for n, p in procs)
+        refs = list(self.refs.values())
+        if self.runtime.alive and refs:
+            # give them a moment to see the stop, then make sure: those here by pid,
+            # the others (other hosts, other pid spaces) through their agents
+            left = liveness.wait_gone(refs, CLOSE_GRACE_S)
+            left += [r for r in refs if r.alive() is None]
+            if left:
+                liveness.signal_all(self.runtime, left, signal.SIGKILL)
+        if self.feeder is not None:
+            self.feeder.close()      # closes its channel, or leaves it to its thread
+        for name in ("control", "exits", "sink", "report"):
+            chan = getattr(self, name, None)
+            if chan is not None:
+                chan.close(linger=0)
 
     def __enter__(self):
         return self

@@ -49,56 +49,118 @@ class _Stop(Exception):
     pass
 
 
+CONTROL_TOPIC = b"pipe"      # the caller's control PUB: STOP and REWIRE under this topic
+HANDLERS = P.Handlers("stage worker")
+SOURCE_HANDLERS = P.Handlers("node source")
+
+
+class _Links:
+    """A sender's link watches (its data links, its report link) and what it tells
+    the caller of them: which were cut and dialled again. The batches on a data
+    link are lost, and only the caller knows which those were. A report sent on
+    the report link as it was cut is lost too, so its redial is reported in turn,
+    saying how many data links had been cut by then (the caller feeds in again
+    once more; with a node source, it stops if any had)."""
+
+    def __init__(self, report: P.Channel, stage: int, data, report_watch):
+        self.report, self.stage = report, stage
+        self.data = [w for w in data if w is not None]
+        self.report_watch = report_watch
+
+    def check(self) -> bool:
+        """Report what was cut since the last look; -> was the report link redialled."""
+        for watch in self.data:
+            for endpoint in watch.poll():
+                self.report.send(P.PIPE_LINK, {"stage": self.stage, "to": endpoint})
+        redialled = False
+        for endpoint in self.report_watch.poll() if self.report_watch is not None else ():
+            redialled = True
+            self.report.send(P.PIPE_LINK, {"stage": self.stage, "to": endpoint,
+                                           "report": True,
+                                           "cut": sum(w.redials for w in self.data)})
+        return redialled
+
+    @property
+    def watches(self):
+        return self.data + ([self.report_watch] if self.report_watch is not None else [])
+
+    def close(self) -> None:
+        for watch in self.watches:
+            watch.close()
+
+
+def _report_channel(zctx, net, spec) -> tuple:
+    """The DEALER to the caller's report ROUTER, and (on TCP) its link watch."""
+    sock = zctx.socket(zmq.DEALER)
+    watch = net.watch_links(sock)
+    net.connect(sock, spec["report"])
+    return P.Channel(sock, net.codec()), watch
+
+
+def _control_channel(zctx, net, spec) -> P.Channel:
+    sock = zctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.SUBSCRIBE, CONTROL_TOPIC)
+    net.connect(sock, spec["control"])
+    return P.Channel(sock, net.codec(), subscribed=True)
+
+
+def _obey(control: P.Channel, dispatch) -> bool:
+    """Read the caller's word (a ``Handlers`` table); -> True if told to stop."""
+    try:
+        for _topic, kind, body, _ in control.drain():
+            try:
+                dispatch(kind, body)
+            except (P.UnknownMessage, KeyError, TypeError):
+                continue             # not for us, or not as the caller writes it
+    except _Stop:
+        return True
+    return False
+
+
 class StageWorker:
     def __init__(self, spec: dict, ctx):
         self.spec, self.ctx = spec, ctx
         self.zctx = zmq.Context()
         net = ctx.network
-        self.codec = net.codec()
-        self.control = self.zctx.socket(zmq.SUB)
-        self.control.setsockopt(zmq.SUBSCRIBE, b"")
-        net.connect(self.control, spec["control"])
+        self.control = _control_channel(self.zctx, net, spec)
+        self.dispatch = HANDLERS.bind(self)
         self.push, self.redials = _connect_push(self.zctx, net, spec)
-        self.pull = self.zctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.RCVHWM, spec["hwm"])
-        address = net.bind(self.pull, spec["input"])
-        self.report = self.zctx.socket(zmq.DEALER)
-        self.report_redials = net.watch_links(self.report)
-        net.connect(self.report, spec["report"])
-        self.report.send_multipart(self.codec.encode(P.BOUND, {
-            "stage": spec["stage"], "index": spec["index"], "input": address}))
+        self.pull = P.Channel(self.zctx.socket(zmq.PULL), net.codec())
+        self.pull.sock.setsockopt(zmq.RCVHWM, spec["hwm"])
+        address = bind_receiver(net, self.pull.sock, spec["input"])
+        self.report, report_watch = _report_channel(self.zctx, net, spec)
+        self.links = _Links(self.report, spec["stage"], [self.redials], report_watch)
+        self.report.send(P.BOUND, {"stage": spec["stage"], "index": spec["index"],
+                                   "input": address})
         self.counters = ctx.counters
         self.items_in = self.items_out = 0
 
     def stopped(self) -> bool:
         """Read the caller's word: stop (True), or connect to a new worker of the next
         stage in place of one that died (``rewire``)."""
-        while self.control.poll(0):
-            try:
-                _, body, _ = self.codec.decode(self.control.recv_multipart())
-            except P.ProtocolError:
-                continue
-            if not isinstance(body, dict) or body.get("op") == "stop":
-                return True
-            if body.get("op") == "rewire" and body.get("stage") == self.spec["stage"] + 1:
-                try:
-                    self.push.disconnect(body["old"])
-                except zmq.ZMQError:
-                    pass
-                self.ctx.network.connect(self.push, body["new"])
-        return False
+        return _obey(self.control, self.dispatch)
 
-    def send(self, frames) -> None:
+    @HANDLERS.on(P.EVT, P.Op.STOP)
+    def _on_stop(self, body):
+        raise _Stop()
+
+    @HANDLERS.on(P.EVT, P.Op.REWIRE)
+    def _on_rewire(self, body):
+        if body.get("stage") != self.spec["stage"] + 1:
+            return                       # for another stage's senders
+        try:
+            self.push.sock.disconnect(body["old"])
+        except zmq.ZMQError:
+            pass
+        self.ctx.network.connect(self.push.sock, body["new"])
+
+    def send(self, body, buffers) -> None:
         """Blocking send downstream (that is the backpressure), but stoppable."""
         while not self.push.poll(STAGE_POLL_MS, zmq.POLLOUT):
             if self.stopped():
                 raise _Stop()
-            self.report_links()
-        self.push.send_multipart(frames, copy=False)
-
-    def report_links(self) -> None:
-        _report_redials((self.redials, self.report_redials), self.report, self.codec,
-                        self.spec["stage"])
+            self.links.check()
+        self.push.send(P.PIPE_ITEMS, body, buffers)
 
     def process(self, body, payload, bufs):
         func, stage, name = self.func, self.spec["stage"], self.spec["name"]
@@ -132,40 +194,37 @@ class StageWorker:
         self.counters.set(RUNNING, 0)
         self.counters.publish()
         data, obufs = S.dumps_result((out, failures))
-        return self.codec.encode(P.PIPE_ITEMS, body, [data, *obufs])
+        return body, [data, *obufs]
 
     def run(self) -> int:
         self.func = S.loads_function(self.spec["func"])
         self.into = S.loads(self.spec["into"]) if self.spec.get("into") else None
         self.key = S.loads(self.spec["key"]) if self.spec.get("key") else (lambda i, v: i)
         poller = zmq.Poller()
-        poller.register(self.pull, zmq.POLLIN)
-        poller.register(self.control, zmq.POLLIN)
-        if self.redials is not None:
-            poller.register(self.redials.watch, zmq.POLLIN)
+        poller.register(self.pull.sock, zmq.POLLIN)
+        poller.register(self.control.sock, zmq.POLLIN)
+        for watch in self.links.watches:
+            poller.register(watch.watch, zmq.POLLIN)
         try:
             while True:
                 events = dict(poller.poll(1000))
-                if self.control in events and self.stopped():
+                if self.control.sock in events and self.stopped():
                     return 0
-                self.report_links()
-                if self.pull in events:
-                    frames = self.pull.recv_multipart(copy=False)
+                self.links.check()
+                if self.pull.sock in events:
                     try:
-                        kind, body, rest = self.codec.decode(frames)
+                        _, kind, body, rest = self.pull.recv()
                     except P.ProtocolError:
                         continue
                     if kind != P.PIPE_ITEMS or not rest or not _is_batch(body):
                         continue
-                    self.send(self.process(body, rest[0], rest[1:]))
+                    self.send(*self.process(body, rest[0], rest[1:]))
         except _Stop:
             return 0
         finally:
-            for watcher in (self.redials, self.report_redials):
-                if watcher is not None:
-                    watcher.close()
-            for s in (self.pull, self.push, self.control):
-                s.close(linger=0)
+            self.links.close()
+            for chan in (self.pull, self.push, self.control):
+                chan.close(linger=0)
             self.report.close(linger=1000)
             self.zctx.term()
 
@@ -176,27 +235,23 @@ def _is_batch(body) -> bool:
         isinstance(body.get("start"), int)
 
 
+def bind_receiver(net, sock: zmq.Socket, name: str) -> str:
+    """``net.bind`` for a PULL whose reader may fall behind (a stage's input, the
+    caller's sink), without heartbeats of its own (see ``Network._common``: libzmq
+    aborts a process whose stopped input a heartbeat times out); -> its address."""
+    return net.bind(sock, name, heartbeats=False)
+
+
 def _connect_push(zctx, net, spec):
     """Where this process sends: every worker of the next stage (or the caller's
-    sink); -> the socket, and on TCP the watch on its links."""
+    sink); -> the channel, and on TCP the watch on its links."""
     push = zctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, spec["hwm"])
     push.setsockopt(zmq.IMMEDIATE, 1)        # never queue for a worker that has gone
     redials = net.watch_links(push)
     for addr in spec["outputs"]:
         net.connect(push, addr)
-    return push, redials
-
-
-def _report_redials(watchers, report, codec, stage: int) -> None:
-    """Tell the caller which of our links were cut and dialled again: the batches
-    on them are lost, and only the caller knows which those were. The report link
-    itself is watched too: a report sent on it as it was cut is lost, so its
-    redial is reported in turn (the caller feeds in again once more)."""
-    for redials in watchers:
-        for endpoint in redials.poll() if redials is not None else ():
-            report.send_multipart(codec.encode(P.PIPE_LINK, {"stage": stage,
-                                                             "to": endpoint}))
+    return P.Channel(push, net.codec()), redials
 
 
 def main(spec_bytes: bytes, ctx) -> int:
@@ -205,68 +260,80 @@ def main(spec_bytes: bytes, ctx) -> int:
     return StageWorker(spec, ctx).run()
 
 
+class NodeSourceRunner:
+    """A generator run on a node, its items pushed into the pipeline in batches.
+
+    Nothing here keeps what was sent: a batch lost on a cut link cannot be sent
+    again, so the caller is told of every cut (and stops the pipeline)."""
+
+    def __init__(self, spec: dict, ctx):
+        self.spec, self.ctx = spec, ctx
+        self.zctx = zmq.Context()
+        net = ctx.network
+        self.push, redials = _connect_push(self.zctx, net, spec)
+        self.report, report_watch = _report_channel(self.zctx, net, spec)
+        self.links = _Links(self.report, -1, [redials], report_watch)
+        self.control = _control_channel(self.zctx, net, spec)
+        self.dispatch = SOURCE_HANDLERS.bind(self)
+        self.seq = self.count = 0
+
+    @SOURCE_HANDLERS.on(P.EVT, P.Op.STOP)
+    def _on_stop(self, body):
+        raise _Stop()
+
+    def flush(self, batch: list) -> None:
+        data, bufs = S.dumps_work((batch, {}))
+        while not self.push.poll(STAGE_POLL_MS, zmq.POLLOUT):
+            if _obey(self.control, self.dispatch):
+                raise _Stop()
+            self.links.check()
+        self.push.send(P.PIPE_ITEMS, {"seq": self.seq, "start": self.count - len(batch)},
+                       [data, *bufs])
+        self.links.check()
+        self.ctx.counters.set(DONE, self.count)
+        self.ctx.counters.publish()
+        self.seq += 1
+
+    def run(self) -> int:
+        gen_func, args = S.loads(self.spec["source"])
+        size = self.spec["batch"]
+        batch, error = [], None
+        try:
+            try:
+                for item in gen_func(*args):
+                    batch.append(item)
+                    self.count += 1
+                    if len(batch) >= size:
+                        self.flush(batch)
+                        batch = []
+            except _Stop:
+                raise
+            except Exception as e:
+                error = StageFailure(-1, getattr(gen_func, "__qualname__", "source"),
+                                     self.count, self.ctx.node, e)
+            if batch:
+                self.flush(batch)
+            end = S.dumps_result(error)[0]
+            self.send_end(end)
+            while not self.control.poll(1000) or not _obey(self.control, self.dispatch):
+                if self.links.check():        # the end may have been lost on the cut
+                    self.send_end(end)        # report link: again (encoded again)
+            return 0
+        except _Stop:
+            return 0
+        finally:
+            self.links.close()
+            for chan in (self.push, self.report, self.control):
+                chan.close(linger=1000)
+            self.zctx.term()
+
+    def send_end(self, error_bytes) -> None:
+        self.report.send(P.PIPE_END, {"batches": self.seq, "items": self.count},
+                         [error_bytes])
+
+
 def source_main(spec_bytes: bytes, ctx) -> int:
     """Run a generator on this node and push its items into the pipeline."""
     spec = S.loads(spec_bytes)
     adopt_caller_environment(spec)
-    gen_func, args = S.loads(spec["source"])
-    zctx = zmq.Context()
-    net = ctx.network
-    push, redials = _connect_push(zctx, net, spec)
-    report = zctx.socket(zmq.DEALER)
-    report_redials = net.watch_links(report)
-    net.connect(report, spec["report"])
-    watchers = (redials, report_redials)
-    control = zctx.socket(zmq.SUB)
-    control.setsockopt(zmq.SUBSCRIBE, b"")
-    net.connect(control, spec["control"])
-    codec = net.codec()
-    batch, seq, count, error = [], 0, 0, None
-    size = spec["batch"]
-
-    def flush():
-        nonlocal batch, seq
-        data, bufs = S.dumps_work((batch, {}))
-        frames = codec.encode(P.PIPE_ITEMS, {"seq": seq, "start": count - len(batch)},
-                              [data, *bufs])
-        while not push.poll(STAGE_POLL_MS, zmq.POLLOUT):
-            if control.poll(0):
-                raise _Stop()
-            _report_redials(watchers, report, codec, -1)
-        push.send_multipart(frames, copy=False)
-        _report_redials(watchers, report, codec, -1)
-        ctx.counters.set(DONE, count)
-        ctx.counters.publish()
-        batch, seq = [], seq + 1
-
-    try:
-        try:
-            for item in gen_func(*args):
-                batch.append(item)
-                count += 1
-                if len(batch) >= size:
-                    flush()
-        except _Stop:
-            raise
-        except Exception as e:
-            error = StageFailure(-1, getattr(gen_func, "__qualname__", "source"), count,
-                                 ctx.node, e)
-        if batch:
-            flush()
-        end = codec.encode(P.PIPE_END, {"batches": seq, "items": count},
-                           [S.dumps_result(error)[0]])
-        report.send_multipart(end)
-        while not control.poll(1000):        # wait to be told to stop
-            if report_redials is not None and report_redials.poll():
-                report.send_multipart(end)   # it may have been lost on the cut link
-            _report_redials(watchers, report, codec, -1)
-        return 0
-    except _Stop:
-        return 0
-    finally:
-        for watcher in watchers:
-            if watcher is not None:
-                watcher.close()
-        for s in (push, report, control):
-            s.close(linger=1000)
-        zctx.term()
+    return NodeSourceRunner(spec, ctx).run()

@@ -55,10 +55,12 @@ class Network:
     def codec(self) -> P.Codec:
         return P.Codec(self.key)
 
-    def bind(self, sock: zmq.Socket, name: str, port: int = 0) -> str:
+    def bind(self, sock: zmq.Socket, name: str, port: int = 0,
+             heartbeats: bool = True) -> str:
         """Bind ``sock`` to a fresh endpoint called ``name`` (on TCP: ``port``, or any
-        free one); -> its address."""
-        self.serve(sock)
+        free one); -> its address. ``heartbeats=False`` for a receiver whose reader
+        may fall behind (see ``_common``)."""
+        self.serve(sock, heartbeats)
         if self.host is None:
             address = f"ipc://{self.rundir}/{name}"
             sock.bind(address)
@@ -70,9 +72,9 @@ class Network:
             port = sock.bind_to_random_port(f"tcp://{host}")
         return f"tcp://{host}:{port}"
 
-    def serve(self, sock: zmq.Socket) -> zmq.Socket:
+    def serve(self, sock: zmq.Socket, heartbeats: bool = True) -> zmq.Socket:
         """Options of a socket that binds (call before its first bind)."""
-        self._common(sock)
+        self._common(sock, heartbeats)
         if self.key is not None:
             sock.curve_server = True
             sock.curve_secretkey = _server_keys(self.key)[0]
@@ -93,14 +95,22 @@ class Network:
         on ipc, None: those links are never cut."""
         return LinkWatch(sock) if self.tcp else None
 
-    def _common(self, sock: zmq.Socket) -> None:
+    def _common(self, sock: zmq.Socket, heartbeats: bool = True) -> None:
+        """On TCP, heartbeats (a connection nobody uses must not die unseen) and
+        keepalive. Not for a receiver whose queue may fill (a pipeline stage's
+        input held back by a slow stage): libzmq 4.3 aborts the whole process
+        (``Assertion failed: !_io_error``, zeromq/libzmq#4767, open) when a heartbeat
+        times out a connection whose input is stopped. Its senders' heartbeats
+        (and their TTL) still drop a silent connection there."""
         if self.host is not None and ":" in self.host:
             sock.setsockopt(zmq.IPV6, 1)
-        if self.host is not None:        # a connection nobody uses must not die unseen
+        if self.host is None:
+            return
+        if heartbeats:
             sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
             sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
-            sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
 
 
 class LinkWatch:

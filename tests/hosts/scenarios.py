@@ -255,6 +255,76 @@ def pipeline_redial():
             "redials": [m for m in said if "cut and dialled again" in m]}
 
 
+def slow_cube(x):
+    time.sleep(0.1)
+    return x ** 3
+
+
+def pipeline_until_error(pipe, watchdog_s: float, act) -> dict:
+    """Read ``pipe``; after 30 results, ``act(pipe)`` (-> what it did); -> how the
+    pipeline ended: its error, how long after ``act`` it came, and what ``act`` did.
+    A pipeline still running after ``watchdog_s`` is closed (its error then says so)."""
+    import threading
+    from dragon_nb import PipelineError
+    watchdog = threading.Timer(watchdog_s, pipe.close)
+    watchdog.start()
+    out = {"error": None, "took": None, "done": None, "finished": False}
+    try:
+        for _ in range(30):
+            next(pipe)
+        out["done"] = act(pipe)
+        began = time.monotonic()
+        try:
+            for _ in pipe:
+                pass
+            out["finished"] = True
+        except PipelineError as e:
+            out["error"], out["took"] = str(e), time.monotonic() - began
+    finally:
+        watchdog.cancel()
+        pipe.close()
+    return out
+
+
+def pipeline_node_source_cut():
+    """A node source's TCP link into stage 0 cut mid-stream (source on h1's node,
+    stage 0 on h2) while the hosts stay: what was on it cannot be fed again, so the
+    pipeline fails at once, naming the link, instead of waiting for ever for batches
+    that never come."""
+    start()
+    ids = {name: nid for nid, name in node_hosts().items()}
+    pipe = Pipeline(on_node(numbers, 2000, node=ids["h1"]),
+                    stage(slow_square, workers=1, nodes=[ids["h2"]]))
+    out = pipeline_until_error(
+        pipe, 25.0, lambda p: cut(None, f"( dport = :{port_of(p.stage_inputs[0][0])} )"))
+    dragon_nb.stop()
+    return out
+
+
+def pipeline_flapping_link():
+    """The feeder's TCP link into stage 0 (on h2) cut again and again while the same
+    batches are in flight: each cut feeds them in again, but only LINK_REFEEDS times
+    (3 here); then the pipeline fails naming the link, instead of feeding for ever."""
+    import dragon_nb.pipeline.pipeline as pipeline_module
+    pipeline_module.LINK_REFEEDS = 3
+    start()
+    ids = {name: nid for nid, name in node_hosts().items()}
+    pipe = Pipeline(range(100_000), stage(slow_cube, workers=1, nodes=[ids["h2"]]))
+
+    def flap(p):
+        port, cuts = port_of(p.stage_inputs[0][0]), 0
+        for _ in range(12):
+            if p._closed:
+                break
+            cuts += cut(None, f"( dport = :{port} )")
+            time.sleep(0.4)
+        return cuts
+
+    out = pipeline_until_error(pipe, 60.0, flap)
+    dragon_nb.stop()
+    return out
+
+
 def ddict_cut():
     """The connection to a DDict manager on h3 cut while requests wait on it: they are
     sent again on the new connection (a wait_for, 32 MiB gets), not timed out."""
