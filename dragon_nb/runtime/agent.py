@@ -102,6 +102,8 @@ class Agent:
         self.heard = time.monotonic()
         self.self_ps = psutil.Process()
         self.running = True
+        self.welcomed = False
+        self.sent_away = None
         self.dispatch = HANDLERS.bind(self)
 
     # -- spawning -------------------------------------------------------------
@@ -261,25 +263,14 @@ class Agent:
         if not self.joining:
             return
         deadline = time.monotonic() + JOIN_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if not self.chan.sock.poll(100):
-                continue
-            try:
-                _, kind, body, _ = self.chan.recv()
-            except P.ProtocolError as e:
-                _dropped("dropped a message that fails the check: %s", e)
-                continue
-            if isinstance(body, dict) and body.get("op") == P.Op.WELCOME:
-                self.node = int(body["node"])
-                self.args.telemetry_interval = float(body.get("telemetry_interval", TELEMETRY_INTERVAL_S))
-                for module in filter(None, (body.get("preload") or "").split(",")):
-                    importlib.import_module(module)
-                log.info("joined %s as node %s", self.args.head, self.node)
-                self.heard = time.monotonic()
-                return
-            if isinstance(body, dict) and body.get("op") == P.Op.GOODBYE:
+        while time.monotonic() < deadline and not self.welcomed:
+            if self.chan.poll(100):
+                self.read_messages()
+            if not self.running:
                 raise SystemExit(f"dragon-nb agent: the head sent this agent away: "
-                                 f"{body.get('why')}")
+                                 f"{self.sent_away}")
+        if self.welcomed:
+            return
         raise SystemExit(f"dragon-nb agent: the head at {self.args.head} did not welcome "
                          f"this agent within {JOIN_TIMEOUT_S:g} s: a wrong or missing key, "
                          f"or an address this host cannot reach")
@@ -339,7 +330,8 @@ class Agent:
 
     @HANDLERS.on(P.EVT, P.Op.GOODBYE)
     def on_goodbye(self, body):
-        log.warning("the head sent this agent away: %s", body.get("why"))
+        self.sent_away = body.get("why")
+        log.warning("the head sent this agent away: %s", self.sent_away)
         self.running = False
 
     @HANDLERS.on(P.EVT, P.Op.PING)
@@ -347,8 +339,21 @@ class Agent:
         """Nothing to do: hearing it is the point (``heard``)."""
 
     @HANDLERS.on(P.EVT, P.Op.WELCOME)
-    def on_welcome_again(self, body):
-        """The head answered a registration sent again: nothing new."""
+    def on_welcome(self, body):
+        """The head took the registration. A joining agent learns its node id, the
+        telemetry rate and the modules to import before any fork; a second welcome
+        (a registration sent twice) changes nothing."""
+        if self.welcomed:
+            return
+        self.welcomed = True
+        if self.joining:
+            self.node = int(body["node"])
+            self.args.telemetry_interval = float(body.get("telemetry_interval",
+                                                          TELEMETRY_INTERVAL_S))
+            for module in filter(None, (body.get("preload") or "").split(",")):
+                importlib.import_module(module)
+            log.info("joined %s as node %s", self.args.head, self.node)
+        self.heard = time.monotonic()
 
     @HANDLERS.on(P.REQ, P.Op.SPAWN)
     def on_spawn(self, body):
