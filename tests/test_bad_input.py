@@ -4,14 +4,15 @@ with wrong options. Each: a clear error naming the problem, nothing lost, nothin
 running. The functions workers run and the helpers come from test_faults.py."""
 import os
 import textwrap
-import time
 
+import psutil
 import pytest
 from IPython.core.error import UsageError
 
 import dragon_nb
 from dragon_nb import DDict, DDictError, DDictFullError, Pool
 from dragon_nb.pipeline import Pipeline, on_node, stage
+from dragon_nb.runtime import get_runtime
 from dragon_nb.telemetry import TelemetryMonitor
 
 from conftest import describe
@@ -64,13 +65,41 @@ def test_a_ddict_used_after_destroy_raises_ddicterror_in_workers_too(runtime):
         assert p.map(square, [2]) == [4]
 
 
+def _head_procs() -> set:
+    """(node, pid, owner) of every process the current runtime's head has started
+    and not yet seen exit (none without a runtime)."""
+    rt = get_runtime(auto_start=False)
+    return {tuple(p) for p in rt.request("procs")["procs"]} if rt is not None else set()
+
+
+def _started_nothing(before: set, head_before: set, what: str) -> None:
+    """No process runs now that did not before ``what`` was refused. Every start is
+    synchronous (a Runtime forks its head before it returns; a spawn request returns
+    once the agents have forked), so whatever the refused call started is there when
+    it has raised: no wait is needed to see it. The head is asked too: it answers
+    after every request the call made, and its table would list what it started."""
+    new = our_processes() - before
+    assert not new, f"{what} left processes behind: {_cmdlines(new)}"
+    started = _head_procs() - head_before
+    assert not started, f"{what} left processes in the head's table: {started}"
+
+
+def _cmdlines(pids) -> list:
+    out = []
+    for pid in pids:
+        try:
+            out.append(" ".join(psutil.Process(pid).cmdline()))
+        except psutil.Error:
+            out.append(f"pid {pid} (gone)")
+    return out
+
+
 def _refused(make, exc, match):
     """``make()`` raises ``exc`` naming the problem, and starts no process."""
-    before = our_processes()
+    before, head_before = our_processes(), _head_procs()
     with pytest.raises(exc, match=match):
         make()
-    time.sleep(0.1)
-    assert not our_processes() - before, "a refused constructor left processes behind"
+    _started_nothing(before, head_before, "a refused constructor")
 
 
 POOL_CASES = {
@@ -277,13 +306,12 @@ def ip():
 def test_a_line_magic_with_wrong_options_stops_the_cell_saying_what_is_wrong_and_starts_nothing(
         runtime, ip, line):
     ip.user_ns.pop("_dragon_map", None)
-    before = our_processes()
+    before, head_before = our_processes(), _head_procs()
     with pytest.raises(UsageError) as info:       # IPython shows it and stops "Run all"
         ip.run_line_magic("dragon", line)
     assert LINE_MAGICS[line] in str(info.value), info.value
     assert "_dragon_map" not in ip.user_ns
-    time.sleep(0.1)
-    assert not our_processes() - before
+    _started_nothing(before, head_before, f"%dragon {line}")
 
 
 @pytest.mark.parametrize("case", CELL_MAGICS)
@@ -291,13 +319,12 @@ def test_a_pipeline_cell_with_wrong_options_stops_the_cell_saying_what_is_wrong_
         runtime, ip, case):
     line, cell, expected = CELL_MAGICS[case]
     ip.user_ns.pop("_dragon_pipeline", None)
-    before = our_processes()
+    before, head_before = our_processes(), _head_procs()
     with pytest.raises(UsageError) as info:
         ip.run_cell_magic("dragon", line, cell)
     assert expected in str(info.value), info.value
     assert "_dragon_pipeline" not in ip.user_ns
-    time.sleep(0.1)
-    assert not our_processes() - before
+    _started_nothing(before, head_before, f"%%dragon {line}")
 
 
 # --- found by this catalogue, and fixed -------------------------------------------------
@@ -340,11 +367,15 @@ DEAD_HEAD_SCRIPT = textwrap.dedent('''
     rt = dragon_nb.start(nodes=1)
     old = rt.rundir
     os.kill(rt._proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
     while rt.alive:
+        assert time.monotonic() < deadline, "the killed head is still there after 20 s"
         time.sleep(0.05)
+    print("dead runtime's folder there before:", os.path.exists(old))
     with dragon_nb.Pool(1) as p:                 # a new runtime, started on first use
         assert p.map(abs, [-1]) == [1]
-    time.sleep(0.5)
+    # no wait: starting the new runtime removed the dead one's folder before it
+    # returned (nothing else would: the head was killed, its agents die with it)
     print("dead runtime's folder left:", os.path.exists(old))
 ''')
 
@@ -352,4 +383,5 @@ DEAD_HEAD_SCRIPT = textwrap.dedent('''
 def test_a_runtime_started_after_the_head_died_removes_the_dead_ones_folder(env_with_pkg):
     proc = run_script_checked(DEAD_HEAD_SCRIPT, env_with_pkg)
     assert proc.returncode == 0, describe(proc)
+    assert "dead runtime's folder there before: True" in proc.stdout, describe(proc)
     assert "dead runtime's folder left: False" in proc.stdout, describe(proc)

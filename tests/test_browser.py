@@ -26,6 +26,8 @@ import urllib.request
 import psutil
 import pytest
 
+from conftest import wait_until
+
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
@@ -178,6 +180,11 @@ def tasks_bars(bars) -> dict:
             if b["label"] == "tasks" and b["node"].startswith("node ")}
 
 
+def _grown(now: dict, before: dict) -> bool:
+    """Every node of ``before`` has a tasks bar in ``now``, wider than it was."""
+    return bool(before) and all(now.get(node, -1) > width for node, width in before.items())
+
+
 @pytest.mark.timeout(180)
 def test_live_widget_advances_in_the_browser(jupyter_lab, chromium, tmp_path):
     from playwright.sync_api import sync_playwright
@@ -208,7 +215,14 @@ def test_live_widget_advances_in_the_browser(jupyter_lab, chromium, tmp_path):
             samples = []
             for i in (1, 2):
                 if i == 2:
-                    page.wait_for_timeout(1200)     # let the map move on a bit
+                    # the map moves on: wait until every node's tasks bar has grown
+                    # since the first sample (what is checked below), the page polled
+                    # as it redraws, not a fixed time that a slow machine may not fill
+                    first = samples[0][0]
+                    wait_until(lambda: _grown(tasks_bars(page.evaluate(READ_BARS)), first),
+                               30, lambda: f"the tasks bars growing on every node since "
+                                           f"{first}: now {page.evaluate(READ_BARS)}",
+                               interval=0.1)
                 bars = page.evaluate(READ_BARS)
                 title = map_cell.locator(".widget-vbox .widget-html-content").first.inner_text()
                 page.screenshot(path=str(shots / f"running-{i}.png"))

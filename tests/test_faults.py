@@ -22,7 +22,7 @@ from dragon_nb import DDict, DDictError, Pool, PoolBrokenError, WorkerLostError
 from dragon_nb.pipeline import Pipeline, PipelineError, stage
 from dragon_nb.telemetry import TelemetryMonitor
 
-from conftest import PYTHON, describe, run_checked, short_dirs
+from conftest import PYTHON, describe, run_checked, short_dirs, thread_in, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -121,13 +121,6 @@ def runtime_family(rt) -> list:
 def kill_agent(rt, node: int) -> None:
     pid = next(n["agent_pid"] for n in rt.nodes(refresh=True) if n["id"] == node)
     os.kill(pid, signal.SIGKILL)
-
-
-def wait_until(predicate, timeout: float = 10.0, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
 
 
 def node_lost(rt, node: int) -> bool:
@@ -304,7 +297,11 @@ def test_a_call_waiting_on_a_ddict_manager_that_is_killed_raises_ddicterror_nami
         else:
             os.kill(pid, signal.SIGSTOP)
             waiting = Waiting(lambda: d[k1])
-        time.sleep(0.3)
+        # the call has sent its request and waits for manager 1's reply (on the
+        # manager's lane or its zmq socket), so the kill lands under a waiting call
+        wait_until(lambda: thread_in(waiting.thread, "ddict/connection.py:_zrecv",
+                                     "ddict/connection.py:_lane_request"),
+                   what=f"the {call} call waiting on manager 1")
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         err = waiting.result(15)
@@ -326,8 +323,28 @@ def _calls_in_flight(rt):
     calls = {"map": Waiting(lambda: p.map(sleep_then_return, range(4), chunksize=1)),
              "wait_for": Waiting(lambda: d.wait_for("never", timeout=30)),
              "pipeline": Waiting(lambda: list(pipe))}
-    time.sleep(0.5)                               # all three are waiting now
+    # all three are waiting now: the map for its results, with its first two tasks
+    # running (one per worker: the pool's telemetry counts them), the wait_for for
+    # the manager's reply, the pipeline for its next batch
+    waits_in = {"map": "pool/results.py:wait", "wait_for": "ddict/connection.py:_zrecv",
+                "pipeline": "pipeline/pipeline.py:__next__"}
+    for name, where in waits_in.items():
+        call = calls[name]
+        wait_until(lambda: thread_in(call.thread, where),
+                   what=lambda: f"the {name} call waiting in {where} (it ended with "
+                                f"{call.outcome!r})" if call.ended else
+                                f"the {name} call waiting in {where}")
+    wait_until(lambda: _running(rt, p.owner) == 2,
+               what=lambda: f"both pool workers running a task (running: "
+                            f"{_running(rt, p.owner)})")
     return p, d, pipe, calls
+
+
+def _running(rt, owner) -> int:
+    """Tasks of ``owner`` running now, over all nodes, as their telemetry has it."""
+    from dragon_nb.machine import Node
+    return sum(Node(n["id"], runtime=rt).telemetry(timeout=10).get("owners", {})
+               .get(owner, {}).get("running", 0) for n in rt.nodes() if n["alive"])
 
 
 def _end_all(rt, p, d, pipe):

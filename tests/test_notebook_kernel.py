@@ -18,16 +18,20 @@ pytest.importorskip("ipywidgets")
 pytest.importorskip("ipykernel")
 from jupyter_client.manager import start_new_kernel  # noqa: E402
 
+from conftest import wait_until  # noqa: E402
+
 pytestmark = pytest.mark.timeout(120)
 
 SETUP = """
 %load_ext dragon_nb
 %dragon start --nodes 2
-import time, dragon_nb
+import os, time, dragon_nb
 def slow(x):
     time.sleep(0.05)
     return x * x
+MARKS = os.getcwd()
 def forever(x):
+    open(os.path.join(MARKS, f"forever-{x}"), "w").close()   # the test sees it running
     time.sleep(60)
     return x
 pool = dragon_nb.Pool(2)
@@ -62,8 +66,20 @@ def execute(kc, code, timeout=60):
             break
     else:
         raise AssertionError(f"cell did not finish in {timeout} s: {code!r}")
-    reply = kc.get_shell_msg(timeout=timeout)
+    reply = shell_reply(kc, timeout)
+    assert reply["parent_header"].get("msg_id") == msg_id, reply
     return reply["content"], msgs
+
+
+def shell_reply(kc, timeout):
+    """The next reply on the shell channel, past any kernel_info replies: when the
+    kernel starts slowly, start_new_kernel asks for kernel_info more than once and
+    reads one answer, leaving the others queued before the replies to our cells."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if reply["msg_type"] != "kernel_info_reply":
+            return reply
 
 
 def widget_values(msgs) -> list:
@@ -99,13 +115,16 @@ def test_progress_widget_updates_while_the_cell_runs(kernel):
     assert "map(slow): 60/60 items" in final_html(msgs)
 
 
-def test_interrupt_cancels_the_work_and_the_pool_stays_usable(kernel):
+def test_interrupt_cancels_the_work_and_the_pool_stays_usable(kernel, tmp_path):
     km, kc = kernel
     assert execute(kc, SETUP)[0]["status"] == "ok"
     msg_id = kc.execute("pool.map(forever, range(4), chunksize=1)")
-    time.sleep(2)
+    # the interrupt comes while the map runs: both workers are in forever() (each
+    # has written its file, in the kernel's folder), so the cell waits in the map
+    wait_until(lambda: len(list(tmp_path.glob("forever-*"))) >= 2, 30,
+               lambda: f"both workers running forever(): {sorted(os.listdir(tmp_path))}")
     km.interrupt_kernel()
-    reply = kc.get_shell_msg(timeout=30)
+    reply = shell_reply(kc, 30)
     assert reply["parent_header"]["msg_id"] == msg_id
     assert reply["content"]["status"] == "error"
     assert reply["content"]["ename"] == "KeyboardInterrupt"
@@ -173,7 +192,12 @@ def test_ddict_view_updates_live_with_keys_and_bytes_per_node(kernel):
             "for i in range(12):\n"
             "    store[i] = b'x' * 200_000\n"
             "    time.sleep(0.1)\n"
-            "time.sleep(0.6)\n")
+            # the cell ends once its live view has shown all 12 keys (from telemetry)
+            "from kernel_ext.magics import DragonMagics\n"
+            "view, deadline = DragonMagics.views['ddict:store'], time.monotonic() + 30\n"
+            "while 'DDict store</b>: 12 keys' not in view.title.value:\n"
+            "    assert time.monotonic() < deadline, f'the view shows {view.title.value}'\n"
+            "    time.sleep(0.05)\n")
     reply, msgs = execute(kc, code)
     assert reply["status"] == "ok", reply
     values = widget_values(msgs)

@@ -14,7 +14,7 @@ from dragon_nb.runtime import get_runtime
 from dragon_nb.telemetry import TelemetryMonitor
 from dragon_nb.wire import protocol as P
 
-from conftest import PYTHON, leftover_processes
+from conftest import PYTHON, leftover_processes, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -152,11 +152,17 @@ def slow_id(x):
 
 def test_a_killed_agent_is_a_lost_node_and_its_work_moves_elsewhere():
     from dragon_nb.native.machine import System
-    with dragon_nb.start(nodes=2) as rt:
+    with dragon_nb.start(nodes=2) as rt, TelemetryMonitor(rt) as mon:
+        assert mon.wait_for_nodes(2)
         with dragon_nb.Pool(2) as p:
             assert sorted(h.node for h in p._pool) == [0, 1]
             pending = p.map_async(slow_id, range(60), chunksize=1)
-            time.sleep(0.3)
+            # the map is under way on node 1: its worker there has done tasks of it
+            # (and, while the map is not done, holds more), so there is work to move
+            wait_until(lambda: mon.snapshot().get(1, {}).get("owners", {})
+                       .get(p.owner, {}).get("done", 0) > 0,
+                       what="node 1's worker doing tasks of the map")
+            assert not pending.ready(), "the map was done before node 1 was lost"
             agent = next(n["agent_pid"] for n in rt.nodes() if n["id"] == 1)
             os.kill(agent, signal.SIGKILL)
             assert pending.get(timeout=30) == list(range(60))
