@@ -21,7 +21,6 @@ SPAWN_TIMEOUT_S = 30.0        # a spawn some node has not answered by then fails
 KILL_TIMEOUT_S = 5.0          # a kill some node has not confirmed by then fails
 PING_S = 1.0                  # how often agents on other hosts hear from the head
 JOIN_GRACE_S = 10.0           # more silence allowed to an agent that has just joined
-RECONCILE_GRACE_S = 1.0       # a process missing from its agent's list this long is gone
 
 # --- agents ---------------------------------------------------------------------------
 JOIN_TIMEOUT_S = 10.0         # a head that does not welcome us by then: wrong key or address
@@ -33,7 +32,6 @@ STOP_TERM_S = 1.0             # children get this long after SIGTERM, then SIGKI
 # --- TCP links ----------------------------------------------------------------------------
 HEARTBEAT_MS = 1000           # on TCP, peers ping each other this often when idle,
 HEARTBEAT_TIMEOUT_MS = 10_000  # and drop (then redial) a connection silent this long
-REPLAY_WINDOW = 4096          # signed messages remembered per sender to drop replays
 
 # --- pools ----------------------------------------------------------------------------------
 TARGET_QUEUED_S = 0.02        # work a worker should hold queued
@@ -48,6 +46,7 @@ OUTPUT_FLUSH_S = 0.2          # a print shows up in the caller within about this
 BATCH_TARGET_S = 0.005        # aim for about this much work per batch
 STAGE_POLL_MS = 200           # a stage worker looks at its control socket this often
 LINK_REFEEDS = 20             # times a batch may be fed in again after cut links (uncharged)
+REFEED_MERGE_S = 1.0          # reports of cut links this close together are one cut
 
 # --- DDict --------------------------------------------------------------------------------
 WAIT_GRACE_S = 1.0            # wait_for: how much longer than its timeout to wait

@@ -54,13 +54,25 @@ def test_a_batch_that_comes_out_before_its_resend_is_skipped():
     assert resends(ledger) == [(1, "frames 1")]
 
 
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
 def test_re_feeds_after_cut_links_are_capped_per_batch():
     from dragon_nb.pipeline.ledger import TooManyRefeeds
-    ledger = Ledger(retries=0, link_refeeds=2)
+    clock = Clock()
+    ledger = Ledger(retries=0, link_refeeds=2, merge_s=1.0, clock=clock)
     ledger.sent(0, 0, 3, "frames 0")
     for _ in range(2):                               # two cuts: fed in again each time
         assert ledger.send_again(charge=False) == 1
         assert resends(ledger) == [(0, "frames 0")]
+        clock.now += 2.0
     ledger.sent(1, 3, 4, "frames 1")                 # a batch sent since has its own count
     with pytest.raises(TooManyRefeeds) as capped:    # the third cut under batch 0: too many
         ledger.send_again(charge=False)
@@ -77,6 +89,23 @@ def test_two_reports_of_one_cut_use_one_re_feed():
     ledger.send_again(charge=False)
     ledger.send_again(charge=False)                  # the same cut, seen by two senders
     assert resends(ledger) == [(0, "frames 0")]
+
+
+def test_reports_of_one_cut_that_come_after_the_batch_was_sent_again_count_once():
+    """One blip cuts several links; each sender reports when it notices. The batch is
+    fed in again at each report (what was on a link cut later may be lost too), but
+    the cap counts the blip once, so a few blips cannot end a healthy pipeline."""
+    from dragon_nb.pipeline.ledger import TooManyRefeeds
+    clock = Clock()
+    ledger = Ledger(retries=0, link_refeeds=1, merge_s=1.0, clock=clock)
+    ledger.sent(0, 0, 3, "frames 0")
+    for _ in range(5):                               # five reports within 0.5 s
+        assert ledger.send_again(charge=False) == 1
+        assert resends(ledger) == [(0, "frames 0")]  # each feeds it in again
+        clock.now += 0.1
+    clock.now += 1.0                                 # a second blip: past the cap of one
+    with pytest.raises(TooManyRefeeds):
+        ledger.send_again(charge=False)
 
 
 def test_the_default_cap_is_the_tunable():
@@ -97,7 +126,8 @@ def _feeder_on_a_keyed_link(source, link_refeeds=20):
     pull.sock.bind(address)
     push = ctx.socket(zmq.PUSH)
     push.connect(address)
-    feeder = Feeder("test", P.Channel(push, P.Codec(key)), Ledger(0, link_refeeds))
+    # every report a cut of its own (merge_s=0), as cuts seconds apart would be
+    feeder = Feeder("test", P.Channel(push, P.Codec(key)), Ledger(0, link_refeeds, merge_s=0.0))
     feeder.start(iter(source))
     return feeder, pull
 

@@ -7,7 +7,6 @@ import sys
 import threading
 import types
 
-import psutil
 import pytest
 
 from dragon_nb import Pool, checks
@@ -15,13 +14,13 @@ from dragon_nb.pool import dispatcher as D
 from dragon_nb.pool import worker as W
 from dragon_nb.pool.state import WorkerState, lost
 from dragon_nb.runtime import network
-from dragon_nb.runtime.liveness import ProcessRef
+from dragon_nb.runtime.liveness import ProcessRef, start_time
 from dragon_nb.wire import protocol as P
 
 pytestmark = pytest.mark.timeout(60)
 
 HERE = network.pid_space()
-ME = psutil.Process().create_time()
+ME = start_time(os.getpid())       # clock ticks since boot
 
 
 def _gone_pid() -> int:
@@ -81,8 +80,7 @@ def test_pool_workers_are_referenced_with_their_pid_space_and_start_time(runtime
         assert len(refs) == 2
         for ref in refs:
             assert ref.local and ref.alive() is True
-            assert ref.start_time == pytest.approx(psutil.Process(ref.pid).create_time(),
-                                                   abs=0.01)
+            assert ref.start_time == start_time(ref.pid) > 0
 
 
 # --- handler tables -----------------------------------------------------------------

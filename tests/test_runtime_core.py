@@ -15,6 +15,8 @@ import dragon_nb
 from dragon_nb.runtime import liveness, network
 from dragon_nb.wire import protocol as P
 
+from conftest import wait_until
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -87,6 +89,22 @@ def test_the_replay_guard_takes_gaps_and_reordering_within_its_window_only():
             guard.admit(seq(n))
     assert guard.replays == 3
     guard.admit(P._SEQ.pack(b"session2", 3))  # another sender numbers on its own
+
+
+def test_one_process_sending_on_two_sockets_to_one_receiver_loses_nothing():
+    """zmq keeps order on one connection only: each socket numbers on its own, so a
+    receiver reading one socket's messages late takes them all."""
+    key = b"k" * 32
+    first_socket, second_socket, receiver = P.Codec(key), P.Codec(key), P.Codec(key)
+    backlog = [first_socket.encode(P.EVT, {"op": P.Op.PING}) for _ in range(3 * P.REPLAY_WINDOW)]
+    receiver.decode(second_socket.encode(P.EVT, {"op": P.Op.PING}))     # read first
+    for frames in backlog:
+        receiver.decode(frames)
+    assert receiver.replays == 0
+    signer, other, manager = P.FrameSigner(key), P.FrameSigner(key), P.FrameSigner(key)
+    late = [signer.sign([b"put"]) for _ in range(3 * P.REPLAY_WINDOW)]
+    manager.verify(other.sign([b"wait_for"]))
+    assert all(manager.verify(f) == [b"put"] for f in late)
 
 
 def test_a_forked_child_does_not_reuse_its_parents_message_numbers():
@@ -279,38 +297,18 @@ def test_a_link_cut_and_made_again_is_one_redial_and_a_link_nobody_answers_is_go
     watch = network.LinkWatch(client)
     client.connect(f"tcp://127.0.0.1:{port}")
     try:
-        _wait(lambda: watch.update() or watch.connected, "the first connection")
+        wait_until(lambda: watch.update() or watch.connected, what="the first connection",
+                   interval=0.01)
         assert watch.poll() == [] and watch.redials == 0
         server.close(linger=0)                          # the peer goes
-        _wait(lambda: watch.gone(3), "three refusals after the link was lost")
+        wait_until(lambda: watch.gone(3), what="three refusals after the link was lost",
+                   interval=0.01)
         server = ctx.socket(zmq.ROUTER)                 # and comes back on the same port
         server.bind(f"tcp://127.0.0.1:{port}")
-        _wait(lambda: watch.update() or watch.connected, "the link made again")
+        wait_until(lambda: watch.update() or watch.connected, what="the link made again",
+                   interval=0.01)
         assert len(watch.poll()) == 1 and watch.redials == 1 and not watch.gone(3)
     finally:
         watch.close()
         client.close(linger=0)
         server.close(linger=0)
-
-
-def _wait(predicate, what, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def test_a_zombie_is_dead_but_not_gone_until_it_is_reaped():
-    """A pool waits for the agent's word on how a worker ended while its zombie is
-    there; only a reaped (or reused) pid is gone by the look of it."""
-    pid = os.fork()
-    if pid == 0:
-        os._exit(3)
-    try:
-        ref = liveness.ProcessRef(0, pid, network.pid_space(), liveness.start_time(pid))
-        _wait(lambda: psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, "the zombie")
-        assert ref.alive() is False and not ref.gone()
-    finally:
-        os.waitpid(pid, 0)
-    assert ref.gone()
-    assert not liveness.ProcessRef(0, pid, "another-kernel/1").gone()

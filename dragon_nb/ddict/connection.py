@@ -78,7 +78,7 @@ class Link:
     """One manager (``rec``, a ``ManagerRecord``), as this process reaches it."""
 
     __slots__ = ("rec", "mid", "proc", "zsock", "zslice", "lane", "lslice", "lane_usable",
-                 "zmq_only", "dead", "watch")
+                 "zmq_only", "dead", "watch", "signer")
 
     def __init__(self, rec: ManagerRecord):
         self.rec = rec = ManagerRecord.from_state(rec)
@@ -90,6 +90,7 @@ class Link:
         self.zmq_only = False
         self.dead: str | None = None     # why it cannot be reached any more
         self.watch: network.LinkWatch | None = None    # a TCP link's events
+        self.signer: P.FrameSigner | None = None       # its socket's signing and replay guard
 
     @property
     def redials(self) -> int:
@@ -111,7 +112,6 @@ class Connection:
         # process takes that process's
         self.net = net if net is not None else network.current()
         self.key = self.net.key if self.net is not None else None   # signs every frame
-        self.signer = P.FrameSigner(self.key)
         self._rid = 0
         self._finalizer = weakref.finalize(self, _close_links, self.links, self.pid)
 
@@ -270,6 +270,7 @@ class Connection:
         sock = zmq_context().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.RECONNECT_IVL, 10)
+        link.signer = P.FrameSigner(self.key)       # one numbering and guard per socket
         address = link.rec.address
         if self.net is not None:
             link.watch = self.net.watch_links(sock)     # TCP: watch the link (else None)
@@ -284,7 +285,7 @@ class Connection:
         elif link.watch is not None:
             link.watch.poll()    # a redial before this request is not one during it
         if self.key is not None:
-            bufs = self.signer.sign([frame, *bufs])[1:]
+            bufs = link.signer.sign([frame, *bufs])[1:]
         while True:
             try:
                 if bufs:
@@ -328,7 +329,7 @@ class Connection:
                 got.append(sock.recv(copy=False))
             if self.key is not None:
                 try:
-                    head, *got = self.signer.verify([head, *got])
+                    head, *got = link.signer.verify([head, *got])
                 except P.ProtocolError:
                     continue
                 head = bytes(head)

@@ -13,7 +13,9 @@ after cut links has a link that keeps failing under it, and feeding it once
 more would go on forever. Per batch, not per pipeline, so that a long stream
 that sees a cut now and then (each costing the batches then in flight one
 re-feed) never fails for it, while a link that flaps faster than a batch can
-cross it stops the pipeline after ``link_refeeds`` cuts.
+cross it stops the pipeline after ``link_refeeds`` cuts. One blip is reported by
+every sender whose link it cut, each when it notices: reports that close
+together count once.
 
 What is recorded for a batch (``payload``) is opaque here: the feeder keeps
 what it needs to encode the batch again (a signed message may not be sent twice).
@@ -22,8 +24,10 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
+from dataclasses import dataclass
 
-from dragon_nb.tunables import LINK_REFEEDS
+from dragon_nb.tunables import LINK_REFEEDS, REFEED_MERGE_S
 
 
 class TooManyRetries(Exception):
@@ -38,20 +42,37 @@ class TooManyRefeeds(Exception):
         self.seq, self.start, self.count, self.refeeds = seq, start, count, refeeds
 
 
+@dataclass
+class InFlight:
+    """A batch fed in that has not come out."""
+    start: int                 # its first item's position in the stream
+    count: int                 # its items
+    payload: object            # what the feeder needs to encode it again
+    retries: int = 0           # times fed in again because a worker died
+    refeeds: int = 0           # times fed in again because a link was cut
+    charged_at: float = -1e18  # when a cut was last counted against it
+
+
 class Ledger:
-    def __init__(self, retries: int, link_refeeds: int = LINK_REFEEDS):
+    """``retries``: re-feeds a batch may have after worker deaths; ``link_refeeds``:
+    after cut links, where reports within ``merge_s`` of the last one counted for
+    a batch are the same cut (one blip is seen by every sender whose link it cut,
+    each reporting when it notices); ``clock`` for tests."""
+
+    def __init__(self, retries: int, link_refeeds: int = LINK_REFEEDS,
+                 merge_s: float = REFEED_MERGE_S, clock=time.monotonic):
         self.retries = retries
         self.link_refeeds = link_refeeds
+        self.merge_s, self.clock = merge_s, clock
         self.lock = threading.Lock()
-        # seq -> [start, count, payload, times sent again (deaths), after cut links]
-        self.inflight: dict[int, list] = {}
+        self.inflight: dict[int, InFlight] = {}
         self.done_below = 0                      # every seq below this came out
         self.done_above: set[int] = set()        # and these, above it
         self.resend: collections.deque = collections.deque()   # (seq, payload) to send again
 
     def sent(self, seq: int, start: int, count: int, payload) -> None:
         with self.lock:
-            self.inflight[seq] = [start, count, payload, 0, 0]
+            self.inflight[seq] = InFlight(start, count, payload)
 
     def arrived(self, seq: int) -> bool:
         """A batch came out of the last stage; False if it had already."""
@@ -69,25 +90,32 @@ class Ledger:
         """Queue every batch in flight to be sent again; -> how many. Raises
         TooManyRetries for the first batch that has used its retries up. A cut
         link is not the items' fault: ``charge=False`` does not count it against
-        the retries, but against ``link_refeeds`` (TooManyRefeeds past it). A
-        batch already queued again is not queued (nor counted) twice: two
-        reports of one cut send it once."""
+        the retries, but against ``link_refeeds`` (TooManyRefeeds past it), once
+        per cut (reports within ``merge_s`` are one). A batch already queued
+        again is not queued twice."""
         with self.lock:
+            now = self.clock()
             queued = {seq for seq, _ in self.resend}
             for seq in sorted(self.inflight):
-                start, count, _, times, refeeds = self.inflight[seq]
-                if charge and times >= self.retries:
-                    raise TooManyRetries(seq, start, count, self.retries)
-                if not charge and seq not in queued and refeeds >= self.link_refeeds:
-                    raise TooManyRefeeds(seq, start, count, self.link_refeeds)
+                batch = self.inflight[seq]
+                if charge and batch.retries >= self.retries:
+                    raise TooManyRetries(seq, batch.start, batch.count, self.retries)
+                if not charge and self._new_cut(batch, now) and \
+                        batch.refeeds >= self.link_refeeds:
+                    raise TooManyRefeeds(seq, batch.start, batch.count, self.link_refeeds)
             for seq in sorted(self.inflight):
-                entry = self.inflight[seq]
+                batch = self.inflight[seq]
                 if charge:
-                    entry[3] += 1
-                if seq not in queued:          # two reports of one cut: sent once
-                    entry[4] += not charge
-                    self.resend.append((seq, entry[2]))
+                    batch.retries += 1
+                elif self._new_cut(batch, now):
+                    batch.refeeds += 1
+                    batch.charged_at = now
+                if seq not in queued:
+                    self.resend.append((seq, batch.payload))
             return len(self.inflight)
+
+    def _new_cut(self, batch: InFlight, now: float) -> bool:
+        return now - batch.charged_at >= self.merge_s
 
     def next_resend(self):
         """-> (seq, payload) to send again now, or None; a batch that came out

@@ -31,7 +31,7 @@ from dragon_nb.runtime import liveness
 from dragon_nb.runtime.client import (Runtime, drain_events, exit_reason, get_runtime,
                                       register_entry_module, zmq_context)
 from dragon_nb.runtime.launch import caller_environment
-from dragon_nb.pipeline.stage_worker import CONTROL_TOPIC, bind_receiver
+from dragon_nb.pipeline.stage_worker import CONTROL_TOPIC, bind_receiver, connect_sender
 from dragon_nb.tunables import LINK_REFEEDS
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
@@ -187,10 +187,11 @@ class Pipeline:
                 watch = net.watch_links(push)
                 self.feeder = Feeder(self.owner, P.Channel(push, net.codec()), self.ledger,
                                      watch, rate=lambda: self._rate,
-                                     alive=lambda: self.runtime.alive, connect=net.connect,
+                                     alive=lambda: self.runtime.alive,
+                                     connect=lambda sock, addr: connect_sender(net, sock, addr),
                                      describe=self._describe)
                 for addr in outputs:
-                    net.connect(push, addr)
+                    connect_sender(net, push, addr)
                 it = iter(source)
         except BaseException:
             self.close()

@@ -152,7 +152,7 @@ class StageWorker:
             self.push.sock.disconnect(body["old"])
         except zmq.ZMQError:
             pass
-        self.ctx.network.connect(self.push.sock, body["new"])
+        connect_sender(self.ctx.network, self.push.sock, body["new"])
 
     def send(self, body, buffers) -> None:
         """Blocking send downstream (that is the backpressure), but stoppable."""
@@ -237,9 +237,15 @@ def _is_batch(body) -> bool:
 
 def bind_receiver(net, sock: zmq.Socket, name: str) -> str:
     """``net.bind`` for a PULL whose reader may fall behind (a stage's input, the
-    caller's sink), without heartbeats of its own (see ``Network._common``: libzmq
+    caller's sink): no heartbeats on a data link (see ``Network._common``: libzmq
     aborts a process whose stopped input a heartbeat times out); -> its address."""
     return net.bind(sock, name, heartbeats=False)
+
+
+def connect_sender(net, sock: zmq.Socket, address: str) -> zmq.Socket:
+    """``net.connect`` for a PUSH into a receiver that may stall: no heartbeats
+    either (a stalled receiver would miss them and the link be cut under it)."""
+    return net.connect(sock, address, heartbeats=False)
 
 
 def _connect_push(zctx, net, spec):
@@ -250,7 +256,7 @@ def _connect_push(zctx, net, spec):
     push.setsockopt(zmq.IMMEDIATE, 1)        # never queue for a worker that has gone
     redials = net.watch_links(push)
     for addr in spec["outputs"]:
-        net.connect(push, addr)
+        connect_sender(net, push, addr)
     return P.Channel(push, net.codec()), redials
 
 

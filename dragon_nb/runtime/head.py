@@ -76,13 +76,12 @@ class Head:
         self.ctx = zmq.Context()
         key = network.read_key_file(args.key_file)[0] if args.key_file else None
         self.net = network.Network(self.rundir, args.listen, key)
-        self.codec = self.net.codec()
-        self.router = P.Channel(self.net.serve(self.ctx.socket(zmq.ROUTER)), self.codec,
+        self.router = P.Channel(self.net.serve(self.ctx.socket(zmq.ROUTER)), self.net.codec(),
                                 routed=True)
         self.router.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.address = f"ipc://{self.rundir}/head"      # this host's processes
         self.router.sock.bind(self.address)
-        self.pub = P.Channel(self.net.serve(self.ctx.socket(zmq.PUB)), self.codec)
+        self.pub = P.Channel(self.net.serve(self.ctx.socket(zmq.PUB)), self.net.codec())
         self.events_address = f"ipc://{self.rundir}/events"
         self.pub.sock.bind(self.events_address)
         # other hosts' agents reach the ROUTER; the event stream stays on this host
@@ -252,7 +251,7 @@ class Head:
 
     @HANDLERS.on(P.REQ, P.Op.STATS)
     def on_stats(self, body, ident):
-        self.reply(ident, body.get("rid"), dropped=self.dropped, replayed=self.codec.replays)
+        self.reply(ident, body.get("rid"), dropped=self.dropped, replayed=self.router.codec.replays)
 
     @HANDLERS.on(P.REQ, P.Op.SHUTDOWN)
     def on_shutdown(self, body, ident):

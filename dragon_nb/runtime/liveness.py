@@ -28,7 +28,26 @@ from dragon_nb.runtime import network
 
 log = logging.getLogger("dragon_nb.liveness")
 
-REUSE_TOLERANCE_S = 0.01      # create times differ by more than this: another process
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot) from /proc, or None when
+    no process has that pid. Ticks since boot, not psutil's create time: that is
+    ticks plus the boot time read from the wall clock, which moves when the clock is
+    stepped (NTP, a VM resumed) and would make every process look like another."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError:                       # not Linux, or no /proc: psutil's view
+        try:
+            proc = psutil.Process(pid)
+            return ("Z" if proc.status() == psutil.STATUS_ZOMBIE else "R",
+                    int(proc.create_time() * 100))
+        except psutil.NoSuchProcess:
+            return None
+    fields = data[data.rindex(b")") + 2:].split()     # after "pid (comm) "
+    return fields[0].decode(), int(fields[19])
 
 
 @dataclass(frozen=True)
@@ -37,7 +56,7 @@ class ProcessRef:
     node: int
     pid: int
     pid_space: str = ""        # its node's pid space ("" if unknown: treated as elsewhere)
-    start_time: float = 0.0    # its create time (0.0: not known, no reuse check)
+    start_time: float = 0.0    # ``start_time(pid)`` when it was made (0: no reuse check)
 
     @property
     def local(self) -> bool:
@@ -49,35 +68,27 @@ class ProcessRef:
         """``(node, pid)``: how the head and exit events name it."""
         return (self.node, self.pid)
 
+    def _look(self) -> str | None:
+        """Its state letter, or None if no process is left under its pid (exited and
+        reaped, or the pid now another process's)."""
+        stat = _stat(self.pid)
+        if stat is None or (self.start_time and stat[1] != self.start_time):
+            return None
+        return stat[0]
+
     def alive(self) -> bool | None:
         """True or False where it can be told from here; None elsewhere (its exit
-        event, or its connection, will tell)."""
+        event, or its connection, will tell). A zombie is not alive."""
         if not self.local:
             return None
-        try:
-            proc = psutil.Process(self.pid)
-            if self.start_time and abs(proc.create_time() - self.start_time) > REUSE_TOLERANCE_S:
-                return False                      # the pid was reused
-            return proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-        except psutil.Error:                      # there, but not ours to look at
-            return True
+        state = self._look()
+        return state is not None and state != "Z"
 
     def gone(self) -> bool:
         """Is it known here that no process is left under its pid (exited and reaped,
         or the pid reused)? A zombie is not gone: its agent has yet to reap it and
         say how it ended. False where it cannot be told."""
-        if not self.local:
-            return False
-        try:
-            proc = psutil.Process(self.pid)
-            return bool(self.start_time) and \
-                abs(proc.create_time() - self.start_time) > REUSE_TOLERANCE_S
-        except psutil.NoSuchProcess:
-            return True
-        except psutil.Error:
-            return False
+        return self.local and self._look() is None
 
     def signal_here(self, sig: int) -> bool:
         """Send ``sig`` directly; True if sent or nothing is left to signal, False if
@@ -112,10 +123,9 @@ def refs(runtime, procs) -> list[ProcessRef]:
 
 
 def start_time(pid: int) -> float:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return 0.0
+    """When ``pid`` started, in clock ticks since boot (0.0 if there is none)."""
+    stat = _stat(pid)
+    return float(stat[1]) if stat is not None else 0.0
 
 
 def signal_all(runtime, procs, sig: int, wait: bool = True) -> None:

@@ -80,9 +80,10 @@ class Network:
             sock.curve_secretkey = _server_keys(self.key)[0]
         return sock
 
-    def connect(self, sock: zmq.Socket, address: str) -> zmq.Socket:
-        """Connect ``sock`` to an endpoint of this runtime, with the options it needs."""
-        self._common(sock)
+    def connect(self, sock: zmq.Socket, address: str, heartbeats: bool = True) -> zmq.Socket:
+        """Connect ``sock`` to an endpoint of this runtime, with the options it needs
+        (``heartbeats=False``: a data link whose receiver may stall, see ``_common``)."""
+        self._common(sock, heartbeats)
         if self.key is not None and not sock.curve_server:
             public, secret = _client_keys()
             sock.curve_serverkey = _server_keys(self.key)[1]
@@ -97,11 +98,15 @@ class Network:
 
     def _common(self, sock: zmq.Socket, heartbeats: bool = True) -> None:
         """On TCP, heartbeats (a connection nobody uses must not die unseen) and
-        keepalive. Not for a receiver whose queue may fill (a pipeline stage's
-        input held back by a slow stage): libzmq 4.3 aborts the whole process
-        (``Assertion failed: !_io_error``, zeromq/libzmq#4767, open) when a heartbeat
-        times out a connection whose input is stopped. Its senders' heartbeats
-        (and their TTL) still drop a silent connection there."""
+        keepalive. Not on either end of a data link whose receiver may stall (a
+        pipeline stage held back by a slower one, a caller reading slowly): a
+        receiver whose queue is full stops reading its connection, so it sees no
+        heartbeat for as long as it stalls. Its own heartbeat (or the TTL its
+        sender announces) then times the connection out, and libzmq 4.3 aborts the
+        whole process (``Assertion failed: !_io_error``, zeromq/libzmq#4767, open);
+        the sender's times it out too, and everything on it is fed in again. Such
+        links rely on TCP keepalive, and on the runtime's own liveness (a node
+        silent 3 s is lost, its processes' exits published)."""
         if self.host is not None and ":" in self.host:
             sock.setsockopt(zmq.IPV6, 1)
         if self.host is None:
@@ -150,7 +155,7 @@ class LinkWatch:
                 self.down += 1
                 self.connected = False
             elif event == zmq.EVENT_CONNECT_RETRIED:
-                if not self.connected:
+                if not self.connected and self.seen:   # made once, lost, not made again
                     self.refused += 1
             elif event == zmq.EVENT_CONNECTED:
                 if endpoint in self.seen or self.down:

@@ -38,7 +38,6 @@ import logging
 import os
 import pickle
 import struct
-import threading
 import time
 from collections import OrderedDict
 
@@ -284,27 +283,24 @@ _RAW_DOMAIN = b"dragon-nb/2 ddict frames"
 
 
 class _Numbering:
-    """This process's numbering of what it signs: a random session id and a counter,
-    fresh after a fork (a child must not reuse its parent's numbers). Threads share
-    it: the state is one tuple, read at once, and ``next`` on a counter is atomic."""
+    """One sender's numbering of what it signs: a random session id and a counter,
+    fresh in a forked child (which must not reuse its parent's numbers).
+
+    A receiver expects one sender's numbers in order, give or take its window,
+    and zmq keeps order only on one connection: so each socket signs with its
+    own numbering (a Codec or FrameSigner per socket). Threads may share one:
+    the state is one tuple, read at once, and ``next`` on a counter is atomic
+    (two threads renewing it at once each get a session of their own)."""
 
     def __init__(self):
         self.state = (None, b"", None)      # (pid, session, counter)
-        self.lock = threading.Lock()
 
     def next(self) -> bytes:
         pid, session, count = self.state
         if pid != os.getpid():
-            with self.lock:
-                pid, session, count = self.state
-                if pid != os.getpid():
-                    session, count = os.urandom(8), itertools.count(1)
-                    self.state = (os.getpid(), session, count)
+            session, count = os.urandom(8), itertools.count(1)
+            self.state = (os.getpid(), session, count)
         return _SEQ.pack(session, next(count))
-
-
-_numbering = _Numbering()
-os.register_at_fork(after_in_child=lambda: setattr(_numbering, "lock", threading.Lock()))
 
 
 class ReplayGuard:
@@ -347,16 +343,18 @@ class ReplayGuard:
 
 class FrameSigner:
     """Signs and checks raw frames (DDict requests and replies): a ``seq`` and an
-    HMAC as the last two frames, when keyed; without a key, frames pass as they are."""
+    HMAC as the last two frames, when keyed; without a key, frames pass as they are.
+    One per socket (see ``_Numbering``)."""
 
     def __init__(self, key: bytes | None):
         self.key = key
+        self.numbering = _Numbering()
         self.guard = ReplayGuard()
 
     def sign(self, frames: list) -> list:
         if self.key is None:
             return frames
-        frames = [*frames, _numbering.next()]
+        frames = [*frames, self.numbering.next()]
         return [*frames, _mac(self.key, frames, _RAW_DOMAIN)]
 
     def verify(self, frames: list) -> list:
@@ -378,10 +376,11 @@ class Codec:
 
     Keyed frames are ``kind, sig, seq, body, buffers...``; the HMAC covers all
     but itself, and ``decode`` refuses a ``seq`` it has seen (``replays`` counts
-    them)."""
+    them). One per socket: its numbering and its guard are that socket's."""
 
     def __init__(self, key: bytes | None = None):
         self.key = key
+        self.numbering = _Numbering()
         self.guard = ReplayGuard()
 
     @property
@@ -392,7 +391,7 @@ class Codec:
         frames = [kind, pickle.dumps(body, protocol=PICKLE_PROTOCOL),
                   *(b.raw() if isinstance(b, pickle.PickleBuffer) else b for b in buffers)]
         if self.key is not None:
-            frames.insert(1, _numbering.next())
+            frames.insert(1, self.numbering.next())
             frames.insert(1, _mac(self.key, frames, _CODEC_DOMAIN))
         return frames
 

@@ -317,7 +317,7 @@ def pipeline_flapping_link():
             if p._closed:
                 break
             cuts += cut(None, f"( dport = :{port} )")
-            time.sleep(0.4)
+            time.sleep(1.2)      # further apart than REFEED_MERGE_S: each cut counts
         return cuts
 
     out = pipeline_until_error(pipe, 60.0, flap)
