@@ -248,14 +248,14 @@ class Dispatcher:
             for (jid, idx), (job, chunk) in list(w.outstanding.items()):
                 if job.cancelled or job.id not in self.jobs:
                     continue
-                chunk[3] += 1
-                if chunk[3] > self.task_retries:
+                chunk.attempts += 1
+                if chunk.attempts > self.task_retries:
                     how = exit_reason(w.exit_code)
-                    tries = f"it ran {chunk[3]} time(s), each time losing its worker" \
-                        if chunk[3] > 1 else "no retries were allowed"
+                    tries = f"it ran {chunk.attempts} time(s), each time losing its worker" \
+                        if chunk.attempts > 1 else "no retries were allowed"
                     self._finish(job, fail=WorkerLostError(
                         f"pool worker pid {w.pid} on node {w.node} {how} while running "
-                        f"chunk {idx} (input items from {chunk[4]}) of {job.name}; {tries}"))
+                        f"chunk {idx} (input items from {chunk.start}) of {job.name}; {tries}"))
                 else:
                     log.info("re-running chunk %s of %s lost with worker %s", idx, job.name, w.pid)
                     self._put_back(job, chunk)
@@ -357,7 +357,7 @@ class Dispatcher:
                     self.ready.popleft()
                     continue
                 chunk = job.pending.popleft()
-                idx, payload, pbufs, _attempts, start = chunk
+                idx, payload, pbufs, start = chunk.idx, chunk.payload, chunk.bufs, chunk.start
                 if job.fid not in w.funcs:
                     funcs[job.fid] = job.func_blob
                     w.funcs.add(job.fid)
@@ -386,7 +386,7 @@ class Dispatcher:
             self.chunk_time = dt if self.chunk_time is None else 0.8 * self.chunk_time + 0.2 * dt
             if entry is None:
                 continue                    # cancelled, or already re-run elsewhere
-            job = entry[0]
+            job, _chunk = entry
             if job.cancelled:
                 continue
             try:

@@ -7,6 +7,7 @@ pool's I/O thread (see ``dispatcher``), which workers pull from directly.
 from __future__ import annotations
 
 import itertools
+import numbers
 import pickle
 import threading
 import warnings
@@ -17,7 +18,7 @@ from dragon_nb import checks
 from dragon_nb.pool import progress as PG
 from dragon_nb.pool import results as R
 from dragon_nb.pool.dispatcher import Dispatcher
-from dragon_nb.pool.state import Job
+from dragon_nb.pool.state import Chunk, Job
 from dragon_nb.pool.worker import APPLY, MAP, STARMAP, func_id
 from dragon_nb.runtime.client import Runtime, get_runtime, on_stop, register_entry_module
 from dragon_nb.runtime.launch import caller_environment
@@ -29,6 +30,20 @@ IMAP_WINDOW_CHUNKS = 1024
 IMAP_WINDOW_BYTES = 64 << 20
 _live = weakref.WeakSet()
 _UNSET = object()
+
+
+def _checked_chunksize(chunksize) -> int:
+    """A chunk size as ``checks.positive_int`` sees it, with multiprocessing.Pool's
+    error types and words where callers may look for them: a number that is not
+    an int (1.5) or is below 1 is a ValueError, anything else a TypeError."""
+    try:
+        return checks.positive_int("chunksize", chunksize)
+    except ValueError:
+        raise ValueError(f"Chunksize must be 1+, not {chunksize!r}") from None
+    except TypeError:
+        if isinstance(chunksize, numbers.Real) and not isinstance(chunksize, bool):
+            raise ValueError(f"Chunksize must be 1+ and an integer, not {chunksize!r}") from None
+        raise
 
 
 def _chunksize(chunksize, chunk_size, default):
@@ -106,8 +121,8 @@ class Pool:
         try:
             maxtasksperchild = checks.optional(checks.positive_int, "maxtasksperchild",
                                                maxtasksperchild)
-        except TypeError as e:            # multiprocessing.Pool raises ValueError here too
-            raise ValueError(str(e)) from None
+        except (TypeError, ValueError):   # multiprocessing.Pool's error and words
+            raise ValueError("maxtasksperchild must be a positive int or None") from None
         checks.callable_or_none("initializer", initializer)
         initargs = checks.arguments("initargs", initargs, "the initializer")
         nodes = checks.node_ids(nodes)
@@ -159,7 +174,7 @@ class Pool:
         payload, bufs = _dumps_chunk((tuple(args), dict(kwds)), func)
         result = R.ApplyResult(self._dispatcher.cancel, callback, error_callback)
         job = Job(result._job, APPLY, fid, blob, result, f"apply({_name(func)})")
-        self._dispatcher.submit(job, [[0, payload, bufs, 0, 0]])
+        self._dispatcher.submit(job, [Chunk(0, payload, bufs, 0)])
         return result
 
     # -- map ---------------------------------------------------------------------------
@@ -206,7 +221,7 @@ class Pool:
             if extra:
                 chunksize += 1
         else:
-            chunksize = checks.positive_int("chunksize", chunksize)
+            chunksize = _checked_chunksize(chunksize)
         if len(iterable) == 0:
             chunksize = 0
         chunks = []
@@ -218,7 +233,7 @@ class Pool:
             if not items:
                 break
             payload, bufs = _dumps_chunk(items, func, n, encoder)
-            chunks.append([len(chunks), payload, bufs, 0, n])
+            chunks.append(Chunk(len(chunks), payload, bufs, n))
             n += len(items)
         result = R.MapResult(self._dispatcher.cancel, len(chunks), n, chunksize,
                              callback, error_callback)
@@ -245,7 +260,7 @@ class Pool:
 
     def _imap(self, func, iterable, chunksize, cls, progress=None):
         self._check_running()
-        chunksize = checks.positive_int("chunksize", chunksize)
+        chunksize = _checked_chunksize(chunksize)
         fid, blob = _dumps_func(func)
         it = iter(iterable)
         window = R.Window(IMAP_WINDOW_CHUNKS, IMAP_WINDOW_BYTES)
@@ -325,7 +340,7 @@ def _feed(dispatcher, job, it, chunksize, window, func):
         if not window.acquire(nbytes):
             return                          # cancelled or failed
         job.result._note_size(idx, nbytes)
-        dispatcher.feed(job.id, [idx, payload, bufs, 0, n_items])
+        dispatcher.feed(job.id, Chunk(idx, payload, bufs, n_items))
         idx += 1
         n_items += len(items)
 

@@ -2,8 +2,7 @@
 
 A ``Job`` is one call (``map``, ``apply``, an ``imap``...) with the chunks it
 has yet to send; a ``WorkerState`` is one worker with the chunks it holds
-(sent, no result yet), keyed ``(job id, chunk index)``. A chunk is the list
-``[idx, payload, bufs, attempts, first item's position in the input]``.
+(sent, no result yet), keyed ``(job id, chunk index)``, each a ``Chunk``.
 Only the I/O thread touches them (``WorkerHandle`` is what ``Pool._pool`` shows).
 """
 from __future__ import annotations
@@ -13,6 +12,18 @@ import contextvars
 import weakref
 
 from dragon_nb.runtime.liveness import ProcessRef
+
+
+class Chunk:
+    """Some consecutive items of a call, pickled once: what a worker runs at a time."""
+
+    __slots__ = ("idx", "payload", "bufs", "attempts", "start")
+
+    def __init__(self, idx: int, payload: bytes, bufs: list, start: int):
+        self.idx = idx                 # its place among the call's chunks
+        self.payload, self.bufs = payload, bufs
+        self.attempts = 0              # times it was lost with its worker
+        self.start = start             # its first item's position in the input
 
 
 class WorkerHandle:
@@ -65,8 +76,7 @@ class Job:
         # shows it under the cell that made the call (ipykernel keeps the cell's
         # parent header in a context variable)
         self.context = contextvars.copy_context()
-        # chunks: [idx, payload, bufs, attempts, first item's position in the input]
-        self.pending: collections.deque = collections.deque()
+        self.pending: collections.deque = collections.deque()   # Chunks not sent yet
         self.total = None
         self.received = 0
         self.cancelled = False
