@@ -27,6 +27,7 @@ _LAZY = {
     # every error dragon-nb raises on purpose (one hierarchy, in a module of its own)
     **dict.fromkeys([
         "DragonNbError", "RuntimeStoppedError", "RuntimeRequestError", "RuntimeTimeoutError",
+        "RuntimeRunningError",
         "WorkerLostError", "CallCancelledError", "PoolBrokenError", "TaskExitError",
         "PipelineError", "DDictError", "DDictKeyError", "DDictFullError", "DDictTimeoutError",
     ], "dragon_nb.errors"),

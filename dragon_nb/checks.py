@@ -2,6 +2,7 @@
 so that the same mistake gets the same message wherever it is made."""
 from __future__ import annotations
 
+import numbers
 import operator
 
 
@@ -69,3 +70,33 @@ def instance_or_none(name: str, value, cls: type, what: str):
     if value is not None and not isinstance(value, cls):
         raise TypeError(f"{name} must be {what} or None, not {value!r}")
     return value
+
+
+def positive_seconds(name: str, value, none_ok: bool = False):
+    """``value`` as a positive number of seconds (None too, with ``none_ok``), or a
+    TypeError (not a number) / ValueError (not positive) naming ``name``."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds{' or None' if none_ok else ''}, "
+                        f"not {value!r}")
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+    return value
+
+
+def count(name: str, value, low: int = 1) -> int:
+    """``value`` as an int >= ``low``; anything else a ValueError naming ``name``.
+    For the runtime's sizes (nodes, workers and cores per node), whose mistakes have
+    always been ValueErrors (docs/reliability.md's catalogue), type or value alike."""
+    if not is_int(value) or value < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(f"{name} must be {what}, not {value!r}")
+    return operator.index(value)
+
+
+def port(name: str, value) -> int:
+    """A TCP port to bind, or 0 for any free one; else a ValueError naming ``name``."""
+    if not is_int(value) or not 0 <= value < 65536:
+        raise ValueError(f"{name} must be 0 (any free port) or a TCP port, not {value!r}")
+    return operator.index(value)

@@ -30,7 +30,11 @@ class RuntimeRequestError(DragonNbError, RuntimeError):
 
 
 class RuntimeTimeoutError(DragonNbError, TimeoutError):
-    """The head did not answer in time."""
+    """The head did not answer in time, or a node's figures did not come."""
+
+
+class RuntimeRunningError(DragonNbError, RuntimeError):
+    """A runtime is already running in this process: ``dragon_nb.stop()`` it first."""
 
 
 # --- pools -------------------------------------------------------------------------------

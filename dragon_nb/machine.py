@@ -8,6 +8,7 @@ from __future__ import annotations
 import operator
 import time
 
+from dragon_nb.errors import RuntimeTimeoutError
 from dragon_nb.runtime import get_runtime
 from dragon_nb.runtime.client import Runtime, drain_events
 from dragon_nb.wire import protocol as P
@@ -87,7 +88,7 @@ class Node:
                     for body in drain_events(sock):
                         if body.get("node") == self.h_uid:
                             return body
-            raise TimeoutError(f"no telemetry from node {self.h_uid} within {timeout} s")
+            raise RuntimeTimeoutError(f"no telemetry from node {self.h_uid} within {timeout} s")
         finally:
             sock.close(linger=0)
 

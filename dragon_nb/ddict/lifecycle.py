@@ -12,7 +12,6 @@ started are killed.
 """
 from __future__ import annotations
 
-import numbers
 import os
 import stat
 import pickle
@@ -22,7 +21,7 @@ import uuid
 
 import zmq
 
-from dragon_nb.checks import instance_or_none, node_ids, positive_int
+from dragon_nb.checks import instance_or_none, node_ids, positive_int, positive_seconds
 from dragon_nb.ddict import connection as C
 from dragon_nb.ddict.errors import DDictError
 from dragon_nb.ddict.records import ManagerRecord, records, to_state
@@ -56,12 +55,7 @@ def check_options(options: dict) -> None:
 
 def check_timeout(timeout) -> None:
     """``timeout=``: None (the default) or a positive number of seconds."""
-    if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
-    if not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    positive_seconds("timeout", timeout, none_ok=True)
 
 
 def check_sizes(managers_per_node, n_nodes, total_mem) -> tuple[int, int, int]:

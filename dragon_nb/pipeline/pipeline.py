@@ -59,8 +59,7 @@ def stage(func, workers: int = 1, nodes=None) -> Stage:
     """One step of a pipeline: ``func`` applied to every item by ``workers`` processes."""
     if not callable(func):
         raise TypeError(f"a stage needs a callable, not {func!r}")
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, not {workers!r}")
+    workers = checks.count("workers", workers)     # a ValueError either way, as it has been
     return Stage(func, workers, node_ids(nodes), getattr(func, "__qualname__", repr(func)))
 
 

@@ -16,7 +16,9 @@ import weakref
 
 import zmq
 
-from dragon_nb.errors import RuntimeRequestError, RuntimeStoppedError, RuntimeTimeoutError
+from dragon_nb import checks
+from dragon_nb.errors import (RuntimeRequestError, RuntimeRunningError, RuntimeStoppedError,
+                              RuntimeTimeoutError)
 from dragon_nb.runtime import hosts as hosts_mod
 from dragon_nb.runtime import launch, network
 from dragon_nb.wire import protocol as P
@@ -61,25 +63,14 @@ class Runtime:
                  cpus_per_node: int | None = None, telemetry_interval: float = 0.25,
                  timeout: float = DEFAULT_TIMEOUT, hosts=None, listen: str | None = None,
                  launcher: str = "ssh", port: int = 0):
-        for what, v in (("timeout", timeout), ("telemetry_interval", telemetry_interval)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"{what} must be a number of seconds, not {v!r}")
-            if not v > 0:
-                raise ValueError(f"{what} must be a positive number of seconds, not {v!r}")
+        checks.positive_seconds("timeout", timeout)
+        checks.positive_seconds("telemetry_interval", telemetry_interval)
         hosts = _host_list(hosts)
         networked = bool(hosts) or listen is not None
-        if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < (0 if networked else 1):
-            raise ValueError(f"nodes must be a positive integer, not {nodes!r}")
-        if not isinstance(port, int) or not 0 <= port < 65536:
-            raise ValueError(f"port must be 0 (any free port) or a TCP port, not {port!r}")
-        if workers_per_node is not None and (not isinstance(workers_per_node, int)
-                                             or workers_per_node < 1):
-            raise ValueError(f"workers_per_node must be a positive integer, "
-                             f"not {workers_per_node!r}")
-        if cpus_per_node is not None and (not isinstance(cpus_per_node, int)
-                                          or cpus_per_node < 1):
-            raise ValueError(f"cpus_per_node must be a positive integer, "
-                             f"not {cpus_per_node!r}")
+        nodes = checks.count("nodes", nodes, low=0 if networked else 1)
+        port = checks.port("port", port)
+        workers_per_node = checks.optional(checks.count, "workers_per_node", workers_per_node)
+        cpus_per_node = checks.optional(checks.count, "cpus_per_node", cpus_per_node)
         if networked:
             if hosts:
                 hosts_mod.check_launcher(launcher)
@@ -340,7 +331,7 @@ def start(nodes: int | None = None, workers_per_node: int | None = None,
     global _current
     with _current_lock:
         if _current is not None and _current.alive:
-            raise RuntimeRequestError(f"a dragon-nb runtime is already running: {_current!r}; "
+            raise RuntimeRunningError(f"a dragon-nb runtime is already running: {_current!r}; "
                                f"call dragon_nb.stop() first")
         if _current is not None and _current.pid == os.getpid():
             _current.stop()          # its head died: what it left goes before a new one

@@ -509,6 +509,9 @@ class Head:
                 ident, kind, body, _bufs = self.router.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            except P.ReplayError as e:     # counted by the codec (``replayed``)
+                _dropped("dropped a message: %s", e)
+                continue
             except P.ProtocolError as e:
                 self.dropped += 1
                 _dropped("dropped a message: %s", e)

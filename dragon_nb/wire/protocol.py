@@ -64,7 +64,7 @@ class Op:
     SPAWN = "spawn"          # entry, spec, count, owner, nodes, within -> procs [(node, pid)]
     KILL = "kill"            # procs [(node, pid)], sig: answered once the agents sent it
     PROCS = "procs"          # -> procs [(node, pid, owner)]
-    STATS = "stats"          # -> dropped, replayed: messages the head refused
+    STATS = "stats"          # -> dropped (malformed, unsigned, unknown), replayed
     SHUTDOWN = "shutdown"    # answered when every agent has stopped
     # client -> head (EVT): a kill nobody waits for (the pool's I/O thread)
     SIGNAL = "signal"        # procs, sig
