@@ -39,7 +39,7 @@ def d(runtime):
 
 
 def manager_pids(dd):
-    return [m[5] for m in dd._managers]
+    return [m.pid for m in dd._managers]
 
 
 def keys_on(dd, mid, count, prefix="k"):
@@ -328,7 +328,7 @@ def test_a_killed_manager_is_named_in_a_worker_too(d):
 
 def test_a_malformed_message_does_not_take_a_manager_down(d):
     d["k"] = "v"
-    address, lane = d._managers[0][3], d._managers[0][4]
+    address, lane = d._managers[0].address, d._managers[0].lane_path
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(address)
     sock.send(b"x")                                                       # too short
@@ -647,7 +647,7 @@ def test_managers_exit_when_their_creator_is_killed():
         from dragon_nb import DDict
         dd = DDict(1, 1, 1 << 20)
         dd["k"] = 1
-        print(dragon_nb.get_runtime().rundir, *(m[5] for m in dd._managers), flush=True)
+        print(dragon_nb.get_runtime().rundir, *(m.pid for m in dd._managers), flush=True)
         time.sleep(60)
     """)
     proc = subprocess.Popen([PYTHON, "-c", code], stdout=subprocess.PIPE, text=True,

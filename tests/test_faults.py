@@ -290,7 +290,7 @@ def test_a_call_waiting_on_a_ddict_manager_that_is_killed_raises_ddicterror_nami
     with DDict(1, 2, 8 * MiB, timeout=10) as d:
         k0, k1 = key_on(d, 0), key_on(d, 1)
         d[k0] = d[k1] = "v"
-        pid = d._managers[1][5]
+        pid = d._managers[1].pid
         if call == "wait_for":
             never = key_on(d, 1, "never")
             waiting = Waiting(lambda: d.wait_for(never, timeout=30))

@@ -252,6 +252,21 @@ def test_a_spawn_one_node_cannot_answer_fails_whole_and_leaves_no_process():
         assert rt.request("procs")["procs"] == []
 
 
+def _pending_at_the_head(rt) -> list:
+    """What the head waits on agents for, asked on a connection of its own (the
+    runtime's handle is busy with the request under test)."""
+    import zmq
+    chan = P.Channel(zmq.Context.instance().socket(zmq.DEALER), rt.network.codec())
+    try:
+        rt.network.connect(chan.sock, rt.address)
+        chan.send(P.REQ, {"op": P.Op.STATS, "rid": 1})
+        assert chan.poll(10_000), "the head did not answer stats"
+        _, _, reply, _ = chan.recv()
+        return [(op, list(nodes)) for op, nodes in reply["pending"]]
+    finally:
+        chan.close()
+
+
 def test_kill_returns_once_the_agent_has_sent_the_signal():
     """What the caller does after kill() meets the process already signalled: the head
     answers when the agent confirms, not when it has passed the request on."""
@@ -267,7 +282,10 @@ def test_kill_returns_once_the_agent_has_sent_the_signal():
                                                   done.set()))
         try:
             killer.start()
-            assert not done.wait(1.0), "kill answered before the agent could send it"
+            # the head holds the kill until node 1's agent, stopped, confirms it
+            wait_until(lambda: (P.Op.KILL, [1]) in _pending_at_the_head(rt),
+                       what="the kill waiting on node 1 at the head")
+            assert not done.is_set(), "kill answered before the agent could send it"
             assert manager.status() != psutil.STATUS_ZOMBIE
         finally:
             os.kill(agent, signal.SIGCONT)

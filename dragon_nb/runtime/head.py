@@ -251,7 +251,8 @@ class Head:
 
     @HANDLERS.on(P.REQ, P.Op.STATS)
     def on_stats(self, body, ident):
-        self.reply(ident, body.get("rid"), dropped=self.dropped, replayed=self.router.codec.replays)
+        self.reply(ident, body.get("rid"), dropped=self.dropped, replayed=self.router.codec.replays,
+                   pending=[(p.op, sorted(p.waiting)) for p in self.pending.values()])
 
     @HANDLERS.on(P.REQ, P.Op.SHUTDOWN)
     def on_shutdown(self, body, ident):

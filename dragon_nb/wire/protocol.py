@@ -64,7 +64,8 @@ class Op:
     SPAWN = "spawn"          # entry, spec, count, owner, nodes, within -> procs [(node, pid)]
     KILL = "kill"            # procs [(node, pid)], sig: answered once the agents sent it
     PROCS = "procs"          # -> procs [(node, pid, owner)]
-    STATS = "stats"          # -> dropped (malformed, unsigned, unknown), replayed
+    STATS = "stats"          # -> dropped (malformed, unsigned, unknown), replayed, pending
+                             #    [(op, nodes it waits on)]: spawns and kills not answered yet
     SHUTDOWN = "shutdown"    # answered when every agent has stopped
     # client -> head (EVT): a kill nobody waits for (the pool's I/O thread)
     SIGNAL = "signal"        # procs, sig

@@ -332,7 +332,7 @@ def ddict_cut():
     start()
     d = DDict(1, 1, 256 << 20, nodes=[next(n for n, h in node_hosts().items() if h == "h3")],
               timeout=20)
-    port = port_of(d._managers[0][3])
+    port = port_of(d._managers[0].address)
     cuts = []
 
     def cut_then_write():
@@ -377,7 +377,7 @@ def ddict_batch_cut():
     import threading
     start()
     d = DDict(1, 1, 1024 << 20, nodes=[next(n for n, h in node_hosts().items() if h == "h3")])
-    port = port_of(d._managers[0][3])
+    port = port_of(d._managers[0].address)
     value = b"v" * (256 << 10)
     cuts = []
     cutter = threading.Timer(0.1, lambda: cuts.append(cut(None, f"( dport = :{port} )")))
@@ -414,7 +414,7 @@ def touch_later(args):
 
 
 def key_held_on(d, hostname):
-    mid = next(m[0] for m in d._managers if m[2] == hostname)
+    mid = next(m.mid for m in d._managers if m.hostname == hostname)
     return next(("k", i) for i in range(10_000) if d.which_manager(("k", i)) == mid)
 
 
@@ -426,7 +426,7 @@ def ddict_gone():
     d = DDict(1, len(hosts), 64 << 20)
     k3, k2 = key_held_on(d, "h3"), key_held_on(d, "h2")
     d[k3], d[k2] = "on h3", "on h2"
-    manager = next((m[1], m[5]) for m in d._managers if m[2] == "h3")
+    manager = next((m.node, m.pid) for m in d._managers if m.hostname == "h3")
     rt.kill([manager], signal.SIGKILL)
     began = time.monotonic()
     try:
