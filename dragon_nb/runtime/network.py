@@ -129,8 +129,10 @@ class LinkWatch:
     differently the second time: resolved, or IPv4-mapped). Whoever holds the
     sender is told (``poll``), and sends again; a new endpoint connected after an
     old one was lost also counts: one send too many, never one too few. A link
-    lost and then refused ``refusals`` times in a row has nobody listening at its
-    other end any more (``gone``): its peer exited, or its host went.
+    refused ``refusals`` times in a row while not connected (lost, or never made)
+    has nobody listening at its other end (``gone``): its peer exited, or its
+    host went. A refusal is an answer (a reset), not silence: a host that stops
+    answering altogether is left to timeouts and node liveness.
     """
 
     EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
@@ -155,8 +157,8 @@ class LinkWatch:
                 self.down += 1
                 self.connected = False
             elif event == zmq.EVENT_CONNECT_RETRIED:
-                if not self.connected and self.seen:   # made once, lost, not made again
-                    self.refused += 1
+                if not self.connected:      # also before a first connection: a peer
+                    self.refused += 1       # already gone is never reached at all
             elif event == zmq.EVENT_CONNECTED:
                 if endpoint in self.seen or self.down:
                     self.again.append(endpoint)
@@ -173,7 +175,7 @@ class LinkWatch:
         return again
 
     def gone(self, refusals: int = REFUSALS_DEAD) -> bool:
-        """Was a link lost and then refused ``refusals`` times in a row?"""
+        """Was the link refused ``refusals`` times in a row while not connected?"""
         self.update()
         return self.refused >= refusals
 
