@@ -30,8 +30,8 @@ from dragon_nb.ddict.pickling import dumps_key, dumps_value, loads_key, loads_va
 from dragon_nb.ddict.records import records
 from dragon_nb.ddict.views import DDictItemsView, DDictKeysView, DDictValuesView
 from dragon_nb.runtime.client import get_runtime
-from dragon_nb.wire import protocol as P
 from dragon_nb.tunables import DEFAULT_TIMEOUT, WAIT_GRACE_S
+from dragon_nb.wire import protocol as P
 
 DDICT_MIN_SIZE = 3 * 1024 ** 2    # Dragon's default total_mem
 MGET_KEYS = 512                   # values fetched per request when iterating

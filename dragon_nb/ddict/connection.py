@@ -38,8 +38,8 @@ from dragon_nb.ddict.errors import DDictError, DDictTimeoutError
 from dragon_nb.ddict.records import ManagerRecord
 from dragon_nb.runtime import network
 from dragon_nb.runtime.client import zmq_context
-from dragon_nb.wire import protocol as P
 from dragon_nb.tunables import LANE_EXIT_WAIT_S, REDIAL_GRACE_S, REFUSALS_DEAD, SLICE_S
+from dragon_nb.wire import protocol as P
 
 REQ, REP, ENTRY = P.DD_REQUEST, P.DD_REPLY, P.DD_ENTRY
 BATCH_COUNT = struct.Struct("<Q")      # DD_BATCH_END's key: how many puts were sent

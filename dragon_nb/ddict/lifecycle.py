@@ -27,8 +27,8 @@ from dragon_nb.ddict.errors import DDictError
 from dragon_nb.ddict.records import ManagerRecord, records, to_state
 from dragon_nb.runtime import liveness, network
 from dragon_nb.runtime.client import Runtime, zmq_context
-from dragon_nb.wire import protocol as P
 from dragon_nb.tunables import DEFAULT_TIMEOUT, DESTROY_EXIT_WAIT_S
+from dragon_nb.wire import protocol as P
 
 MANAGER_ENTRY = "dragon_nb.ddict.manager:main"
 

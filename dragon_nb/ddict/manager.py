@@ -38,8 +38,8 @@ import zmq
 
 from dragon_nb.ddict.store import Shard
 from dragon_nb.runtime.counters import BYTES, KEYS
-from dragon_nb.wire import protocol as P
 from dragon_nb.tunables import IDLE_S, PUBLISH_EVERY_S
+from dragon_nb.wire import protocol as P
 
 log = logging.getLogger("dragon_nb.ddict")
 _dropped = P.DropLog(log)

@@ -21,10 +21,9 @@ import zmq
 
 from dragon_nb.runtime.counters import DONE, ITEMS, RUNNING
 from dragon_nb.runtime.launch import adopt_caller_environment
+from dragon_nb.tunables import STAGE_POLL_MS
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
-from dragon_nb.tunables import STAGE_POLL_MS
-
 
 
 class StageFailure:

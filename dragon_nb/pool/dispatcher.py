@@ -34,9 +34,9 @@ from dragon_nb.pool.state import Job, WorkerHandle, WorkerState, lost, worker_id
 from dragon_nb.pool.worker import APPLY
 from dragon_nb.runtime import liveness
 from dragon_nb.runtime.client import drain_events, exit_reason, zmq_context
+from dragon_nb.tunables import EXIT_GRACE_S, LIVENESS_S, TARGET_QUEUED_S, TASK_RETRIES
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
-from dragon_nb.tunables import EXIT_GRACE_S, LIVENESS_S, TARGET_QUEUED_S, TASK_RETRIES
 
 log = logging.getLogger("dragon_nb.pool")
 _dropped = P.DropLog(log)

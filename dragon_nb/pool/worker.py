@@ -27,9 +27,9 @@ import zmq
 from dragon_nb.errors import TaskExitError
 from dragon_nb.runtime.counters import BUSY_US, DONE, QDEPTH, RUNNING
 from dragon_nb.runtime.launch import adopt_caller_environment
+from dragon_nb.tunables import FLUSH_EVERY_S, IDLE_POLL_MS, OUTPUT_FLUSH_S
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
-from dragon_nb.tunables import FLUSH_EVERY_S, IDLE_POLL_MS, OUTPUT_FLUSH_S
 
 APPLY, MAP, STARMAP = 0, 1, 2
 FLUSH_BYTES = 1 << 20

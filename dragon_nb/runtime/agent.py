@@ -32,9 +32,9 @@ import zmq
 
 from dragon_nb.runtime import launch, network
 from dragon_nb.runtime.counters import CUMULATIVE, FIELDS, CounterBlock, Counters
-from dragon_nb.wire import protocol as P
 from dragon_nb.tunables import (HEAD_TIMEOUT_S, JOIN_TIMEOUT_S, OWNER_GRACE_S, STOP_TERM_S,
                                 TELEMETRY_INTERVAL_S)
+from dragon_nb.wire import protocol as P
 
 log = logging.getLogger("dragon_nb.agent")
 _dropped = P.DropLog(log)

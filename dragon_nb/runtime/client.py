@@ -21,8 +21,8 @@ from dragon_nb.errors import (RuntimeRequestError, RuntimeRunningError, RuntimeS
                               RuntimeTimeoutError)
 from dragon_nb.runtime import hosts as hosts_mod
 from dragon_nb.runtime import launch, network
-from dragon_nb.wire import protocol as P
 from dragon_nb.tunables import DEFAULT_TIMEOUT, KILL_NOWAIT_LOCK_S
+from dragon_nb.wire import protocol as P
 
 
 # Modules whose entry points agents may fork; features register theirs at import

@@ -31,14 +31,13 @@ import zmq
 from dragon_nb.runtime import hosts as hosts_mod
 from dragon_nb.runtime import launch, network
 from dragon_nb.runtime.records import NodeRecord, NodeState, Pending
-from dragon_nb.wire import protocol as P
 from dragon_nb.tunables import (AGENT_POLL_S, JOIN_GRACE_S, KILL_TIMEOUT_S, NODE_TIMEOUT_S,
                                 PING_S, SHUTDOWN_GRACE_S, SPAWN_TIMEOUT_S,
                                 TELEMETRY_INTERVAL_S)
+from dragon_nb.wire import protocol as P
 
 log = logging.getLogger("dragon_nb.head")
 _dropped = P.DropLog(log)
-
 
 
 def split_host(nodes: int, cpus_per_node: int | None = None) -> list[dict]:

@@ -36,8 +36,8 @@ import zmq
 import zmq.utils.monitor
 import zmq.utils.z85
 
-from dragon_nb.wire import protocol as P
 from dragon_nb.tunables import HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS, REFUSALS_DEAD
+from dragon_nb.wire import protocol as P
 
 CONNECTION_FILE = "connection.json"
 

@@ -16,9 +16,8 @@ import ipywidgets as W
 from IPython.display import HTML, display
 
 from dragon_nb.telemetry import TelemetryMonitor
-from dragon_nb.widgets.view import RateMeter, fmt_bytes, node_rows, rows_html
 from dragon_nb.tunables import LIVE_FOR_S, REFRESH_S
-
+from dragon_nb.widgets.view import RateMeter, fmt_bytes, node_rows, rows_html
 
 
 def _close_all(widget) -> None:
