@@ -45,6 +45,8 @@ OUTPUT_FLUSH_S = 0.2          # a print shows up in the caller within about this
 # --- pipelines ---------------------------------------------------------------------------
 BATCH_TARGET_S = 0.005        # aim for about this much work per batch
 STAGE_POLL_MS = 200           # a stage worker looks at its control socket this often
+PUSH_POLL_MS = 200            # the feeder, blocked on a full stage 0, looks around this often
+CLOSE_GRACE_S = 2.0           # close(): stage workers get this long to obey the stop
 LINK_REFEEDS = 20             # times a batch may be fed in again after cut links (uncharged)
 REFEED_MERGE_S = 1.0          # reports of cut links this close together are one cut
 

@@ -103,10 +103,10 @@ def _choose_nodes(rt, n_nodes: int, nodes) -> tuple[list, dict]:
 def start_managers(rt, managers_per_node: int, n_nodes: int, total_mem: int, *,
                    name: str, timeout, nodes, ping_timeout: float | None = None):
     """Start and ping the managers -> (handle state, this process's Connection).
-    ``ping_timeout``: how long they may take to answer (default: ``timeout``'s)."""
+    The sizes are ``check_arguments``' ints. ``ping_timeout``: how long they may
+    take to answer (default: ``timeout``'s)."""
     if ping_timeout is None:
         ping_timeout = DEFAULT_TIMEOUT if timeout is None else timeout
-    managers_per_node, n_nodes, total_mem = check_sizes(managers_per_node, n_nodes, total_mem)
     nodes, by_id = _choose_nodes(rt, n_nodes, nodes)
     count = managers_per_node * len(nodes)
     budget = total_mem // count

@@ -1,4 +1,5 @@
 """Streaming pipelines whose stages pass items worker to worker."""
-from dragon_nb.pipeline.pipeline import Pipeline, PipelineError, Stage, on_node, stage
+from dragon_nb.errors import PipelineError
+from dragon_nb.pipeline.pipeline import Pipeline, Stage, on_node, stage
 
 __all__ = ["Pipeline", "PipelineError", "Stage", "on_node", "stage"]

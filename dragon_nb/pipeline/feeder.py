@@ -20,14 +20,13 @@ import zmq
 from dragon_nb.errors import PipelineError
 from dragon_nb.pipeline.ledger import Ledger, TooManyRefeeds
 from dragon_nb.pipeline.stage_worker import StageFailure
-from dragon_nb.tunables import BATCH_TARGET_S
+from dragon_nb.tunables import BATCH_TARGET_S, PUSH_POLL_MS
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
 
 log = logging.getLogger("dragon_nb.pipeline")
 
 MAX_BATCH = 256
-PUSH_POLL_MS = 200
 
 
 class Feeder:

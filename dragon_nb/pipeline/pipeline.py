@@ -27,12 +27,12 @@ from dragon_nb.checks import is_int, node_ids, positive_int
 from dragon_nb.errors import PipelineError
 from dragon_nb.pipeline.feeder import Feeder
 from dragon_nb.pipeline.ledger import Ledger, TooManyRetries
+from dragon_nb.pipeline.stage_worker import CONTROL_TOPIC, bind_receiver, connect_sender
 from dragon_nb.runtime import liveness
 from dragon_nb.runtime.client import (Runtime, drain_events, exit_reason, get_runtime,
                                       register_entry_module, zmq_context)
 from dragon_nb.runtime.launch import caller_environment
-from dragon_nb.pipeline.stage_worker import CONTROL_TOPIC, bind_receiver, connect_sender
-from dragon_nb.tunables import LINK_REFEEDS
+from dragon_nb.tunables import CLOSE_GRACE_S, LINK_REFEEDS
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
 
@@ -41,7 +41,6 @@ register_entry_module("dragon_nb.pipeline.stage_worker")
 STAGE_ENTRY = "dragon_nb.pipeline.stage_worker:main"
 SOURCE_ENTRY = "dragon_nb.pipeline.stage_worker:source_main"
 log = logging.getLogger("dragon_nb.pipeline")
-CLOSE_GRACE_S = 2.0           # close(): stage workers get this long to obey the stop
 
 # What the caller reads on its report socket (workers and a node source -> caller).
 REPORTS = P.Handlers("pipeline caller")

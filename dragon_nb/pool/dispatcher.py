@@ -30,7 +30,7 @@ import uuid
 import zmq
 
 from dragon_nb.errors import CallCancelledError, PoolBrokenError, WorkerLostError
-from dragon_nb.pool.state import Job, WorkerHandle, WorkerState, lost, worker_id  # noqa: F401
+from dragon_nb.pool.state import Job, WorkerHandle, WorkerState, lost, worker_id
 from dragon_nb.pool.worker import APPLY
 from dragon_nb.runtime import liveness
 from dragon_nb.runtime.client import drain_events, exit_reason, zmq_context

@@ -133,7 +133,7 @@ class Runtime:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise RuntimeTimeoutError(f"the runtime head did not answer {op!r} "
-                                       f"within {timeout:g} s")
+                                              f"within {timeout:g} s")
                 if self._chan.sock.poll(min(left, 0.2) * 1000):
                     try:
                         _, kind, reply, _ = self._chan.recv()
@@ -143,7 +143,7 @@ class Runtime:
                         break
                 elif self._proc.poll() is not None:
                     raise RuntimeStoppedError(f"the runtime head exited "
-                                       f"(code {self._proc.returncode})")
+                                              f"(code {self._proc.returncode})")
         if not reply.get("ok", False):
             raise RuntimeRequestError(reply.get("error") or f"{op} failed")
         return reply
@@ -157,13 +157,6 @@ class Runtime:
         if refresh:
             self._nodes = self.request(P.Op.NODES)["nodes"]
         return self._nodes
-
-    def nodes_here(self) -> set[int]:
-        """The nodes whose processes this one can look at and signal by pid (the same
-        kernel and PID namespace); the others are reached through their agents."""
-        here = network.pid_space()
-        return {n["id"] for n in self.nodes(refresh=self.network.tcp)
-                if n.get("pid_space") == here}
 
     def cpu_count(self) -> int:
         """Cores on all nodes: the sum of every node's ``num_cpus``."""
@@ -332,7 +325,7 @@ def start(nodes: int | None = None, workers_per_node: int | None = None,
     with _current_lock:
         if _current is not None and _current.alive:
             raise RuntimeRunningError(f"a dragon-nb runtime is already running: {_current!r}; "
-                               f"call dragon_nb.stop() first")
+                                      f"call dragon_nb.stop() first")
         if _current is not None and _current.pid == os.getpid():
             _current.stop()          # its head died: what it left goes before a new one
         if nodes is None:
