@@ -190,11 +190,12 @@ def test_an_exit_whose_event_was_lost_is_published_once_the_agent_no_longer_list
     """A TCP link cut as a worker exits can lose the agent's ``exited`` event: the
     next telemetry, which lists every live child and the last exits, tells the head."""
     with dragon_nb.Runtime(nodes=1) as rt:
-        sub = rt.subscribe(P.TOPIC_NODES, P.TOPIC_EXIT + b"owner-x")
+        sub = rt.subscribe(P.TOPIC_TELEMETRY, P.TOPIC_NODES, P.TOPIC_EXIT + b"owner-x")
+        _events(sub, P.TOPIC_TELEMETRY)     # node 0's figures arrive: the subscription is live
         agent = FakeAgent(rt)
         try:
             node = agent.join()
-            assert _events(sub, P.TOPIC_NODES)["event"] == "joined"  # the subscription is live
+            assert _events(sub, P.TOPIC_NODES)["event"] == "joined"
             spawned = []
             spawner = threading.Thread(target=lambda: spawned.extend(rt.spawn(
                 "dragon_nb.pool.worker:main", b"", 1, "owner-x", nodes=[node])))
