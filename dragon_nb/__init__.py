@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 # what agents import before they fork, so a new worker costs a fork only
 for _module in ("dragon_nb.pool.worker", "dragon_nb.ddict.manager",
-                "dragon_nb.pipeline.stage_worker"):
+                "dragon_nb.pipeline.stage_worker", "dragon_nb.mp.entry", "dragon_nb.mp.host"):
     register_entry_module(_module)
 
 _LAZY = {
@@ -29,7 +29,8 @@ _LAZY = {
         "DragonNbError", "RuntimeStoppedError", "RuntimeRequestError", "RuntimeTimeoutError",
         "RuntimeRunningError",
         "WorkerLostError", "CallCancelledError", "PoolBrokenError", "TaskExitError",
-        "PipelineError", "DDictError", "DDictKeyError", "DDictFullError", "DDictTimeoutError",
+        "PipelineError", "SharedObjectError", "ObjectHostLostError",
+        "DDictError", "DDictKeyError", "DDictFullError", "DDictTimeoutError",
     ], "dragon_nb.errors"),
 }
 __all__ = ["Runtime", "start", "stop", "get_runtime", "cpu_count", "current_process",

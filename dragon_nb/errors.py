@@ -61,6 +61,17 @@ class PipelineError(DragonNbError, RuntimeError):
     was closed."""
 
 
+# --- multiprocessing objects on the runtime (dragon_nb.mp) -----------------------------
+class SharedObjectError(DragonNbError, RuntimeError):
+    """A queue, lock, pipe or shared value of the runtime cannot be used: it was
+    removed (no handle to it was left), or its host is gone."""
+
+
+class ObjectHostLostError(SharedObjectError):
+    """The object host of a queue, lock, pipe or shared value is gone, with
+    everything it held: its node was lost, or it was killed."""
+
+
 # --- DDict (Dragon's names, from ``dragon.data.ddict``) ---------------------------------
 class DDictError(DragonNbError):
     """Anything that went wrong in a DDict operation."""

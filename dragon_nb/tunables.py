@@ -60,6 +60,12 @@ REFUSALS_DEAD = 3             # a link to a manager refused this often: the mana
 PUBLISH_EVERY_S = 0.05        # a manager updates its counters at most this often
 IDLE_S = 0.5                  # an idle manager wakes this often
 
+# --- multiprocessing objects and processes (dragon_nb.mp) ------------------------------
+HOST_START_S = 30.0           # an object host that has not said where it listens by then failed
+CALL_SLICE_S = 0.25           # a blocked call looks at its host's liveness this often
+CANCEL_WAIT_S = 2.0           # an interrupted call waits this long to learn what its host did
+BYE_GRACE_S = 0.5             # an exit event may overtake the exiting process's last output
+
 # --- front ends -----------------------------------------------------------------------------
 REFRESH_S = 0.25              # live views redraw this often
 LIVE_FOR_S = 600.0            # a dashboard or DDict view stops refreshing after this long

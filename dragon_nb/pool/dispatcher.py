@@ -22,7 +22,6 @@ import collections
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -30,6 +29,7 @@ import uuid
 import zmq
 
 from dragon_nb.errors import CallCancelledError, PoolBrokenError, WorkerLostError
+from dragon_nb.forwarding import emit
 from dragon_nb.pool.state import Job, WorkerHandle, WorkerState, lost, worker_id
 from dragon_nb.pool.worker import APPLY
 from dragon_nb.runtime import liveness
@@ -59,20 +59,6 @@ REPOPULATE = "repopulate"    # an Event, set once missing workers were started
 
 MESSAGES = P.Handlers("pool")                 # worker -> pool: handler(body, worker, bufs)
 COMMANDS = P.Handlers("pool I/O thread")      # user thread -> I/O thread: handler(arg, *more)
-
-
-def _emit(context, stream: str, text: str) -> None:
-    def write():
-        target = sys.stdout if stream == "stdout" else sys.stderr
-        target.write(text)
-        target.flush()
-    try:
-        if context is not None:
-            context.run(write)
-        else:
-            write()
-    except Exception:
-        log.debug("could not write worker output", exc_info=True)
 
 
 class Dispatcher:
@@ -441,9 +427,9 @@ class Dispatcher:
                 out.append(piece)
                 self.line_start[key] = piece.endswith("\n")
             ctx = self.contexts.get(job)
-            _emit(ctx, stream, "".join(out))
+            emit(ctx, stream, "".join(out))
         if body.get("dropped"):
-            _emit(None, "stderr", f"{prefix}... {body['dropped']} characters of output dropped "
+            emit(None, "stderr", f"{prefix}... {body['dropped']} characters of output dropped "
                                   f"(more than the worker's print budget)\n")
 
     # -- commands: COMMANDS, handler(arg, *more) ---------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import threading
 import multiprocessing.pool as mpp
 import multiprocessing.process as mpproc
@@ -24,8 +23,11 @@ import traceback
 
 import zmq
 
+from dragon_nb import mp_compat
 from dragon_nb.errors import TaskExitError
+from dragon_nb.forwarding import ForwardedStream
 from dragon_nb.runtime.counters import BUSY_US, DONE, QDEPTH, RUNNING
+from dragon_nb.runtime.client import attach_here
 from dragon_nb.runtime.launch import adopt_caller_environment
 from dragon_nb.tunables import FLUSH_EVERY_S, IDLE_POLL_MS, OUTPUT_FLUSH_S
 from dragon_nb.wire import protocol as P
@@ -70,27 +72,6 @@ class WorkerProcess(mpproc.BaseProcess):
         self._config = {"authkey": mpproc.AuthenticationString(os.urandom(32)),
                         "semprefix": "/mp"}
         self.node = node
-
-
-class ForwardedStream(io.TextIOBase):
-    """``sys.stdout``/``sys.stderr`` of a worker: text goes to the caller, tagged
-    with the job that printed it, so it shows under the cell that did the work."""
-
-    def __init__(self, worker: "Worker", name: str):
-        self.worker = worker
-        self.name = name
-
-    def writable(self):
-        return True
-
-    def isatty(self):
-        return False
-
-    def write(self, text: str) -> int:
-        if not isinstance(text, str):
-            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        self.worker.output(self.name, text)
-        return len(text)
 
 
 def _run_chunk(func, mode, payload, start):
@@ -373,12 +354,14 @@ class Worker:
 def main(spec_bytes: bytes, ctx) -> int:
     spec = S.loads(spec_bytes)
     adopt_caller_environment(spec)
+    attach_here(ctx.head, ctx.network)       # its tasks may start processes and pools
+    mp_compat.select_here()
     name = f"DragonPoolWorker-{ctx.node}-{os.getpid()}"
     mpproc._current_process = WorkerProcess(name, (ctx.node, ctx.index + 1), ctx.node)
     worker = Worker(spec, ctx)
     signal.signal(signal.SIGUSR1, worker.on_signal)
-    sys.stdout = ForwardedStream(worker, "stdout")
-    sys.stderr = ForwardedStream(worker, "stderr")
+    sys.stdout = ForwardedStream(worker.output, "stdout")
+    sys.stderr = ForwardedStream(worker.output, "stderr")
     try:
         return worker.run()
     finally:

@@ -51,6 +51,7 @@ class ServiceContext:
     physical_mem: int
     owner: str
     index: int                     # position among the processes of one spawn request
+    head: str = ""                 # the head's address from this node (ipc here, else TCP)
     counters: Counters = field(repr=False, default=None)
     network: network.Network | None = field(repr=False, default=None)
 
@@ -144,6 +145,7 @@ class Agent:
                     os.close(fd)
             ctx = ServiceContext(node=self.node, hostname=self.hostname, cpus=self.cpus,
                                  physical_mem=self.mem, owner=body["owner"], index=index,
+                                 head=self.args.head,
                                  counters=self.counters.view(slot), network=self.net)
             module, _, func = body["entry"].partition(":")
             result = getattr(importlib.import_module(module), func)(body["spec"], ctx)

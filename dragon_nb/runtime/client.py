@@ -117,6 +117,44 @@ class Runtime:
         self._finalizer = weakref.finalize(self, _finalize, self._proc, self._lifeline,
                                            self.rundir, 5.0, self.pid)
 
+    @classmethod
+    def attach(cls, address: str, net: network.Network,
+               timeout: float = DEFAULT_TIMEOUT) -> "Runtime":
+        """A handle on the runtime this process runs in (a Process or a Pool worker
+        started by an agent): it asks the head at ``address`` for what it needs
+        (spawns, kills, events), and stopping it closes only the handle."""
+        self = cls.__new__(cls)
+        self.n_nodes, self.hosts, self.listen, self.launcher = None, [], None, None
+        self.workers_per_node = None
+        self.timeout = timeout
+        self.pid = os.getpid()
+        self.rundir = net.rundir
+        self._lock = threading.Lock()
+        self._rids = itertools.count(1)
+        self._closed = False
+        self._proc = self._lifeline = self._finalizer = None
+        self.connection_file = None
+        self.network = net
+        self.address = address
+        self._chan = P.Channel(zmq_context().socket(zmq.DEALER), net.codec())
+        net.connect(self._chan.sock, address)
+        try:
+            reply = self.request(P.Op.READY)
+        except BaseException:
+            self._chan.close(linger=0)
+            raise
+        self.tcp_address = reply.get("tcp_address")
+        # the event stream on this host, or over TCP from another
+        self.events_address = reply["tcp_events"] if address.startswith("tcp://") \
+            else reply["events"]
+        self._nodes = reply["nodes"]
+        return self
+
+    @property
+    def attached(self) -> bool:
+        """True in a process of the runtime: this handle did not start the head."""
+        return self._proc is None
+
     # -- requests -----------------------------------------------------------------
     def request(self, op: str, timeout: float | None = None, **body) -> dict:
         """Send ``op`` to the head and wait for its reply; errors raise."""
@@ -141,7 +179,7 @@ class Runtime:
                         continue
                     if kind == P.REP and isinstance(reply, dict) and reply.get("rid") == rid:
                         break
-                elif self._proc.poll() is not None:
+                elif self._proc is not None and self._proc.poll() is not None:
                     raise RuntimeStoppedError(f"the runtime head exited "
                                               f"(code {self._proc.returncode})")
         if not reply.get("ok", False):
@@ -151,7 +189,7 @@ class Runtime:
     # -- what features use ------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return not self._closed and self._proc.poll() is None
+        return not self._closed and (self._proc is None or self._proc.poll() is None)
 
     def nodes(self, refresh: bool = False) -> list[dict]:
         if refresh:
@@ -208,6 +246,11 @@ class Runtime:
     def stop(self, timeout: float = 5.0) -> None:
         if self._closed:
             return
+        if self.attached:                    # the runtime is not ours to stop
+            self._closed = True
+            if os.getpid() == self.pid:
+                self._chan.close(linger=0)
+            return
         try:
             if os.getpid() == self.pid and self._proc.poll() is None:
                 try:
@@ -244,6 +287,8 @@ class Runtime:
 
     def __repr__(self):
         state = "running" if self.alive else "stopped"
+        if self.attached:
+            return f"<dragon_nb.Runtime {state}, attached to {self.address}>"
         where = f" listening on {self.tcp_address}" if self.tcp_address else ""
         return f"<dragon_nb.Runtime {state} nodes={self.n_nodes}{where} dir={self.rundir}>"
 
@@ -353,13 +398,28 @@ def stop() -> None:
 
 
 def get_runtime(auto_start: bool = True) -> Runtime | None:
-    """The current runtime; started with defaults on first use."""
+    """The current runtime; started with defaults on first use. In a process the
+    runtime runs (see ``attach_here``), the runtime it runs in."""
+    global _current
     with _current_lock:
         if _current is not None and _current.alive and _current.pid == os.getpid():
+            return _current
+        if _home is not None and _home[2] == os.getpid():
+            _current = Runtime.attach(_home[0], _home[1])
             return _current
         if not auto_start:
             return None
         return start()
+
+
+_home: tuple | None = None     # (head address, Network, pid) of the runtime this process runs in
+
+
+def attach_here(address: str, net: network.Network) -> None:
+    """In a service process: ``get_runtime()`` is the runtime it runs in (connected
+    on first use), so a Process or Pool worker can start processes and pools."""
+    global _home
+    _home = (address, net, os.getpid())
 
 
 _stop_hooks: list = []
@@ -374,8 +434,8 @@ _lifelines: set = set()         # write ends of this process's runtimes' lifelin
 
 
 def _after_fork_in_child():
-    global _current
-    _current = None    # the parent's runtime is not ours to use or stop
+    global _current, _home
+    _current = _home = None    # the parent's runtime is not ours to use or stop
     for fd in list(_lifelines):  # nor to keep alive once the parent is gone
         try:
             os.close(fd)

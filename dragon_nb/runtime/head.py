@@ -83,11 +83,13 @@ class Head:
         self.pub = P.Channel(self.net.serve(self.ctx.socket(zmq.PUB)), self.net.codec())
         self.events_address = f"ipc://{self.rundir}/events"
         self.pub.sock.bind(self.events_address)
-        # other hosts' agents reach the ROUTER; the event stream stays on this host
-        self.tcp_address = None
+        # other hosts' agents, and the processes they run (which may start processes
+        # of their own and wait for them to exit), reach the ROUTER and the event stream
+        self.tcp_address = self.tcp_events_address = None
         self.shared_key_file = None        # a copy for srun agents, removed at the end
         if self.net.tcp:
             self.tcp_address = self.net.bind(self.router.sock, "head", args.port)
+            self.tcp_events_address = self.net.bind(self.pub.sock, "events")
             network.write_connection_file(args.key_file, key, head=self.tcp_address)
         self.nodes: dict[int, NodeRecord] = {}
         self.agents: dict[int, tuple] = {}         # node id -> (Popen, lifeline wfd)
@@ -388,7 +390,7 @@ class Head:
     # -- agent events --------------------------------------------------------
     def ready_body(self) -> dict:
         return {"nodes": self.public_nodes(), "events": self.events_address,
-                "tcp_address": self.tcp_address}
+                "tcp_address": self.tcp_address, "tcp_events": self.tcp_events_address}
 
     @HANDLERS.on(P.EVT, P.Op.REGISTER)
     def on_register(self, body, ident):

@@ -59,7 +59,8 @@ class Op:
     REQ, whose REP carries ``ok`` and, when not ok, ``error``).
     """
     # client -> head (REQ)
-    READY = "ready"          # -> nodes, events (PUB address), tcp_address; once all nodes are up
+    READY = "ready"          # -> nodes, events (PUB address), tcp_address, tcp_events (the PUB
+                             #    on TCP, for processes on other hosts); once all nodes are up
     NODES = "nodes"          # -> nodes: the node table
     SPAWN = "spawn"          # entry, spec, count, owner, nodes, within -> procs [(node, pid)]
     KILL = "kill"            # procs [(node, pid)], sig: answered once the agents sent it
@@ -82,6 +83,14 @@ class Op:
     # pipeline caller -> its stage workers (EVT on the control PUB)
     STOP = "stop"            # (nothing): every stage worker exits
     REWIRE = "rewire"        # stage, old, new: send to ``new`` instead of ``old``
+    # any runtime process -> an object host (dragon_nb.mp); replies carry s (status), v
+    MP_CREATE = "mp.create"  # kind, params -> v: the object id
+    MP_CALL = "mp.call"      # oid, method, args, timeout, caller (client, thread, proc)
+                             #   -> s, v: answered when the call completes
+    MP_CANCEL = "mp.cancel"  # what: the rid of a call given up on (its own answer, if it
+                             #   was waiting: s "cancelled"), answered after that one
+    MP_REFS = "mp.refs"      # (EVT) changes [(oid, "hold"|"pin"|"adopt"|"release")]
+    MP_STATS = "mp.stats"    # -> v: the host's object table figures
 
 # --- data plane: pool <-> worker -------------------------------------------
 HELLO = b"hi"         # worker -> pool: {"wid", "pid", "node"}
@@ -101,6 +110,15 @@ PIPE_LINK = b"pl"     # stage worker or node source -> caller: {"stage", "to"}: 
 # --- services -> their creator --------------------------------------------------
 BOUND = b"bd"         # the address a service bound where it runs: pipeline stage workers
                       # {"stage", "index", "input"}, DDict managers on TCP {"manager", "address"}
+
+# --- multiprocessing on the runtime (dragon_nb.mp) ------------------------------
+# a Process -> the hub of the process that started it
+MP_OUTPUT = b"mo"     # {"pid", "stream", "text"}: what it printed
+MP_BYE = b"mb"        # {"pid", "code"}: it finished (its output is all sent); the exit
+                      # itself is the head's ``exit.<owner>`` event
+# an object host -> whoever started it: BOUND {"address", "node", "pid", "pid_space",
+# "start_time"}. Any process of the runtime <-> an object host: REQ/REP/EVT with the
+# ``Op.MP_*`` ops.
 
 # --- data plane: DDict client <-> manager ------------------------------------
 # Not Codec messages: the hot path has no pickle and no dict. A request is one

@@ -1,0 +1,100 @@
+"""What runs in a ``Process`` started on the runtime: forked by a node agent,
+it becomes the process object its parent sent and runs CPython's own
+``BaseProcess._bootstrap`` (so ``current_process()``, ``parent_process()``,
+exit codes, ``sys.exit`` and the joining of its own children are the stdlib's).
+
+Around it: the parent's ``sys.path`` and working directory; the "dragon"
+start method, and the runtime this process runs in, so it can start
+Processes, Pools and objects of its own; its prints sent to the parent's hub,
+then a bye once they are all out.
+
+Entry point: ``main(spec, ctx)``, started by the agent.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import threading
+
+import cloudpickle
+import zmq
+
+from dragon_nb import mp_compat
+from dragon_nb.forwarding import ForwardedStream
+from dragon_nb.mp import object_hosts
+from dragon_nb.runtime import client, launch
+from dragon_nb.wire import protocol as P
+
+OUTPUT_FLUSH_BYTES = 8192
+BYE_LINGER_MS = 2000          # the last prints and the bye get this long to leave
+
+
+class ParentLink:
+    """The DEALER to the parent's hub, shared by this process's threads."""
+
+    def __init__(self, address: str, ctx):
+        self.node, self.pid = ctx.node, os.getpid()
+        self.zctx = zmq.Context()
+        self.chan = P.Channel(self.zctx.socket(zmq.DEALER), ctx.network.codec())
+        ctx.network.connect(self.chan.sock, address)
+        self.lock = threading.Lock()
+        self.pending: dict[str, list] = {"stdout": [], "stderr": []}
+
+    def write(self, stream: str, text: str) -> None:
+        with self.lock:
+            self.pending[stream].append(text)
+            if text.endswith("\n") or sum(map(len, self.pending[stream])) >= OUTPUT_FLUSH_BYTES:
+                self._flush(stream)
+
+    def flush(self) -> None:
+        with self.lock:
+            for stream in self.pending:
+                self._flush(stream)
+
+    def _flush(self, stream: str) -> None:
+        if self.pending[stream]:
+            text, self.pending[stream] = "".join(self.pending[stream]), []
+            self.chan.send(P.MP_OUTPUT, {"node": self.node, "pid": self.pid,
+                                         "stream": stream, "text": text})
+
+    def bye(self, code: int) -> None:
+        self.flush()
+        with self.lock:
+            self.chan.send(P.MP_BYE, {"node": self.node, "pid": self.pid, "code": code})
+            self.chan.close(linger=BYE_LINGER_MS)
+        self.zctx.term()
+
+
+class _Flushing(ForwardedStream):
+    def __init__(self, link: ParentLink, name: str):
+        super().__init__(link.write, name)
+        self.link = link
+
+    def flush(self):
+        self.link.flush()
+
+
+def main(spec_bytes: bytes, ctx) -> int:
+    spec = pickle.loads(spec_bytes)
+    launch.adopt_caller_environment(spec["env"])
+    client.attach_here(ctx.head, ctx.network)
+    object_hosts.adopt(spec["hosts"], ctx.node)
+    mp_compat.select_here()
+    link = ParentLink(spec["hub"], ctx)
+    sys.stdout, sys.stderr = _Flushing(link, "stdout"), _Flushing(link, "stderr")
+    code = 1
+    try:
+        process = cloudpickle.loads(spec["process"])
+        # the parent's sentinel: the write end stays open while this process lives
+        # (the parent's end is the runtime's: when it goes, so does this process)
+        parent_r, _parent_w = os.pipe()
+        code = process._bootstrap(parent_sentinel=parent_r)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    finally:
+        client.stop()
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        link.bye(code)
+    return code

@@ -1,0 +1,220 @@
+"""The client side of the object hosts, and the base of every handle.
+
+Each thread has its own DEALER per host (zmq sockets are not for sharing), so
+a thread blocked in ``get`` holds nothing another thread needs. A call waits
+for its answer in slices of ``CALL_SLICE_S``, looking at its host between two:
+a host that is gone raises ``ObjectHostLostError`` naming its node, never a
+hang. Interrupted (Ctrl-C, the notebook's interrupt button), a call tells its
+host to drop it; if the host had already completed it (an item taken, a lock
+granted) the call's ``undo`` gives it back, so nothing is lost; then the
+``KeyboardInterrupt`` goes on.
+
+A handle (``Shared``) names its host and object id and pickles to just that,
+anywhere: through queues, as a Process or Pool argument, in a DDict value.
+The host counts handles: ``hold`` at creation, ``pin`` when one is pickled,
+``adopt`` when that is unpickled, ``release`` when one is collected; at zero
+the object goes. A handle pickled but never unpickled keeps its object until
+the runtime stops.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import weakref
+
+import zmq
+
+from dragon_nb.errors import ObjectHostLostError, SharedObjectError
+from dragon_nb.mp import object_hosts
+from dragon_nb.mp.object_hosts import HostRef
+from dragon_nb.mp.objects import CANCELLED, ERROR, GONE, OK
+from dragon_nb.runtime import client, liveness, network
+from dragon_nb.tunables import CALL_SLICE_S, CANCEL_WAIT_S
+from dragon_nb.wire import protocol as P
+
+NODE_CHECK_S = 1.0          # a host on another host: ask the head about its node this often
+
+
+class Link:
+    """This process's connections to the object hosts."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+        node = object_hosts._node
+        self.client = f"{node}:{self.pid}:{os.urandom(4).hex()}"
+        self.proc = (node if node is not None else -1, self.pid, network.pid_space(),
+                     liveness.start_time(self.pid))
+        self.local = threading.local()
+        self.rids = itertools.count(1)
+        self.net = network.current()
+        if self.net is None:
+            self.net = client.get_runtime().network
+
+    def channel(self, address: str) -> P.Channel:
+        chans = getattr(self.local, "chans", None)
+        if chans is None:
+            chans = self.local.chans = {}
+        chan = chans.get(address)
+        if chan is None:
+            chan = P.Channel(client.zmq_context().socket(zmq.DEALER), self.net.codec())
+            chan.sock.setsockopt(zmq.LINGER, 0)
+            self.net.connect(chan.sock, address)
+            chans[address] = chan
+        return chan
+
+    def create(self, host: HostRef, kind: str, params: dict) -> int:
+        chan = self.channel(host.address)
+        rid = next(self.rids)
+        chan.send(P.REQ, {"op": P.Op.MP_CREATE, "rid": rid, "kind": kind, "params": params})
+        status, value = self.wait(chan, host, rid, f"creating a {kind}")
+        if status != OK:
+            raise ValueError(value)
+        return value
+
+    def call(self, host: HostRef, oid: int, method: str, args=(), timeout=None,
+             undo=None, what: str = "") -> tuple:
+        """-> (status, value) of ``method`` on object ``oid``. ``undo(value)``: how to
+        give back what a call interrupted too late had obtained."""
+        chan = self.channel(host.address)
+        rid = next(self.rids)
+        chan.send(P.REQ, {"op": P.Op.MP_CALL, "rid": rid, "oid": oid, "method": method,
+                          "args": tuple(args), "timeout": timeout,
+                          "caller": (self.client, threading.get_ident(), self.proc)})
+        try:
+            return self.wait(chan, host, rid, what or method)
+        except KeyboardInterrupt:
+            self.cancel(chan, host, rid, undo)
+            raise
+
+    def wait(self, chan: P.Channel, host: HostRef, rid: int, what: str) -> tuple:
+        next_node_check = time.monotonic() + NODE_CHECK_S
+        while True:
+            if chan.poll(CALL_SLICE_S * 1000):
+                for _, kind, body, _ in chan.drain():
+                    if kind == P.REP and body.get("rid") == rid:
+                        return body["s"], body["v"]
+                continue                          # an answer to a call given up on
+            alive = host.process.alive()
+            if alive is None and time.monotonic() >= next_node_check:
+                next_node_check = time.monotonic() + NODE_CHECK_S
+                alive = _node_alive(host.node)
+            if alive is False:
+                raise ObjectHostLostError(
+                    f"{what}: the object host on node {host.node} is gone (its node was "
+                    f"lost or it was killed), and with it everything it held")
+
+    def cancel(self, chan, host, rid, undo) -> None:
+        """After an interrupt: drop the call, or give back what it got."""
+        crid = next(self.rids)
+        try:
+            chan.send(P.REQ, {"op": P.Op.MP_CANCEL, "rid": crid, "what": rid})
+            deadline = time.monotonic() + CANCEL_WAIT_S
+            while time.monotonic() < deadline:
+                if not chan.poll(50):
+                    continue
+                for _, kind, body, _ in chan.drain():
+                    if kind != P.REP:
+                        continue
+                    if body.get("rid") == rid:
+                        if body["s"] == OK and undo is not None:
+                            undo(body["v"])
+                        elif body["s"] == CANCELLED:
+                            pass
+                    elif body.get("rid") == crid:
+                        return
+        except Exception:            # the host is gone: nothing to give back to
+            pass
+
+    def refs(self, host: HostRef, changes) -> None:
+        """Tell a host of handles made, pickled, unpickled or collected (no answer)."""
+        self.channel(host.address).send(P.EVT, {"op": P.Op.MP_REFS, "changes": changes})
+
+
+def _node_alive(node: int) -> bool | None:
+    runtime = client.get_runtime(auto_start=False)
+    if runtime is None:
+        return None
+    try:
+        nodes = runtime.nodes(refresh=True)
+    except Exception:
+        return None
+    for n in nodes:
+        if n["id"] == node:
+            return bool(n.get("alive", True))
+    return False
+
+
+_link: Link | None = None
+_link_lock = threading.Lock()
+
+
+def link() -> Link:
+    global _link
+    with _link_lock:
+        if _link is None or _link.pid != os.getpid():
+            _link = Link()
+        return _link
+
+
+def _release(host: HostRef, oid: int, pid: int) -> None:
+    if os.getpid() != pid:
+        return
+    try:
+        link().refs(host, [(oid, "release")])
+    except Exception:           # at interpreter exit, or the runtime gone: it goes anyway
+        pass
+
+
+def _rebuild(cls, host, oid, state):
+    obj = cls.__new__(cls)
+    obj._host, obj._oid = HostRef(*host), oid
+    obj._setstate(state)
+    link().refs(obj._host, [(oid, "adopt")])
+    obj._track()
+    return obj
+
+
+class Shared:
+    """A handle on one object of an object host."""
+
+    _kind = ""
+
+    def _create(self, params: dict, host: HostRef | None = None) -> None:
+        self._host = host or object_hosts.for_new()
+        self._oid = link().create(self._host, self._kind, params)
+        self._track()
+
+    def _track(self) -> None:
+        weakref.finalize(self, _release, self._host, self._oid, os.getpid())
+
+    def _call(self, method: str, *args, timeout=None, undo=None) -> tuple:
+        """-> (status, value); an error or a removed object raises."""
+        status, value = link().call(self._host, self._oid, method, args, timeout, undo,
+                                    what=f"{type(self).__name__}.{method}()")
+        if status == ERROR:
+            raise ValueError(value)
+        if status == GONE:
+            raise SharedObjectError(f"{type(self).__name__}.{method}(): {value}")
+        return status, value
+
+    def _value(self, method: str, *args):
+        return self._call(method, *args)[1]
+
+    def _getstate(self):
+        return None
+
+    def _setstate(self, state) -> None:
+        pass
+
+    def __reduce__(self):
+        link().refs(self._host, [(self._oid, "pin")])
+        return (_rebuild, (type(self), tuple(self._host), self._oid, self._getstate()))
+
+    def __eq__(self, other):
+        return (type(other) is type(self) and other._oid == self._oid
+                and other._host.address == self._host.address)
+
+    def __hash__(self):
+        return hash((self._host.address, self._oid))
