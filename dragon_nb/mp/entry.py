@@ -17,14 +17,14 @@ import pickle
 import sys
 import threading
 
-import cloudpickle
 import zmq
 
 from dragon_nb import mp_compat
 from dragon_nb.forwarding import ForwardedStream
 from dragon_nb.mp import object_hosts
-from dragon_nb.runtime import client, launch
+from dragon_nb.runtime import client, launch, network
 from dragon_nb.wire import protocol as P
+from dragon_nb.wire import serialization as S
 
 OUTPUT_FLUSH_BYTES = 8192
 BYE_LINGER_MS = 2000          # the last prints and the bye get this long to leave
@@ -58,6 +58,29 @@ class ParentLink:
             self.chan.send(P.MP_OUTPUT, {"node": self.node, "pid": self.pid,
                                          "stream": stream, "text": text})
 
+    def parent_sentinel(self, parent_pid: int, parent_space: str) -> int:
+        """A descriptor that becomes readable when the parent ends: a pidfd when it
+        runs in this pid space; else the end of a pipe closed once its hub's
+        connection drops (a monitor of the DEALER)."""
+        if parent_space == network.pid_space():
+            try:
+                return os.pidfd_open(parent_pid)
+            except (OSError, AttributeError):     # gone already, or an old kernel
+                pass
+        r, w = os.pipe()
+        monitor = self.chan.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+        def watch():
+            try:
+                monitor.recv_multipart()
+            except zmq.ZMQError:
+                pass
+            finally:
+                os.close(w)
+                monitor.close(linger=0)
+        threading.Thread(target=watch, name="dragon-nb parent watch", daemon=True).start()
+        return r
+
     def bye(self, code: int) -> None:
         self.flush()
         with self.lock:
@@ -85,11 +108,10 @@ def main(spec_bytes: bytes, ctx) -> int:
     sys.stdout, sys.stderr = _Flushing(link, "stdout"), _Flushing(link, "stderr")
     code = 1
     try:
-        process = cloudpickle.loads(spec["process"])
-        # the parent's sentinel: the write end stays open while this process lives
-        # (the parent's end is the runtime's: when it goes, so does this process)
-        parent_r, _parent_w = os.pipe()
-        code = process._bootstrap(parent_sentinel=parent_r)
+        process, _ = S.loads_with_source(spec["process"],
+                                         lambda p: getattr(p, "_target", None))
+        sentinel = link.parent_sentinel(process._parent_pid, spec["parent_space"])
+        code = process._bootstrap(parent_sentinel=sentinel)
     except BaseException:
         import traceback
         traceback.print_exc()

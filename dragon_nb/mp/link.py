@@ -180,6 +180,7 @@ class Shared:
     """A handle on one object of an object host."""
 
     _kind = ""
+    _error = ValueError           # what a call the host refuses raises (the stdlib's type)
 
     def _create(self, params: dict, host: HostRef | None = None) -> None:
         self._host = host or object_hosts.for_new()
@@ -194,7 +195,7 @@ class Shared:
         status, value = link().call(self._host, self._oid, method, args, timeout, undo,
                                     what=f"{type(self).__name__}.{method}()")
         if status == ERROR:
-            raise ValueError(value)
+            raise self._error(value)
         if status == GONE:
             raise SharedObjectError(f"{type(self).__name__}.{method}(): {value}")
         return status, value

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import inspect
 import logging
 import math
 import time
@@ -67,24 +68,10 @@ class Waiter:
 
 
 class Refused(Exception):
-    """A call answered ERROR, with this message: nothing was changed."""
+    """A call answered ERROR, with this message (nothing was changed)."""
 
 
 # -- arguments ----------------------------------------------------------------------
-_REQUIRED = object()
-
-
-class Arg(NamedTuple):
-    name: str
-    check: Callable            # value -> the value to use; TypeError/ValueError if bad
-    default: object = _REQUIRED
-
-
-class Method(NamedTuple):
-    fn: Callable               # fn(call, *args) -> list[Done]
-    args: tuple = ()           # of Arg
-
-
 def _checker(test: Callable, what: str, convert: Callable | None = None) -> Callable:
     def check(v):
         if not test(v):
@@ -95,7 +82,6 @@ def _checker(test: Callable, what: str, convert: Callable | None = None) -> Call
 
 _bytes = _checker(lambda v: isinstance(v, (bytes, bytearray, memoryview)), "bytes", bytes)
 _int = _checker(lambda v: isinstance(v, int) and not isinstance(v, bool), "an int")
-_flag = _checker(lambda v: isinstance(v, bool), "True or False")
 _number = _checker(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
                    "a number of seconds or None")
 
@@ -109,35 +95,32 @@ def _seconds(v) -> float | None:
     return max(0.0, float(v))
 
 
-def _checked(what: str, specs: tuple, given: dict, error: type) -> dict:
-    """``given`` (name -> value) checked against ``specs``, defaults filled in;
-    ``error(message)`` raised for the first problem."""
-    unknown = set(given) - {spec.name for spec in specs}
-    if unknown:
-        raise error(f"{what}: unknown parameters {sorted(map(str, unknown))}")
-    out = {}
-    for spec in specs:
-        value = given.get(spec.name, spec.default)
-        if value is _REQUIRED:
-            raise error(f"{what}: the parameter {spec.name!r} is missing")
-        try:
-            out[spec.name] = value if value is spec.default else spec.check(value)
-        except (TypeError, ValueError) as e:
-            raise error(f"{what}: {spec.name} {e}") from None
-    return out
+# what an annotation of a method (or of a kind's ``setup``) lets through
+CHECKS = {"bytes": _bytes, "int": _int, "float | None": _seconds,
+          "bool": _checker(lambda v: isinstance(v, bool), "True or False"),
+          "bytes | None": lambda v: None if v is None else _bytes(v)}
+_signatures: dict = {}                # code -> inspect.Signature
 
 
-def _bind(what: str, specs: tuple, values) -> tuple:
-    """The checked arguments of a call, defaults filled in; Refused if they are not."""
-    if not isinstance(values, (tuple, list)):
-        raise Refused(f"{what}: the arguments must be a tuple, not {type(values).__name__}")
-    least = sum(spec.default is _REQUIRED for spec in specs)
-    if not least <= len(values) <= len(specs):
-        names = ", ".join(spec.name for spec in specs) or "none"
-        count = f"{least} to {len(specs)}" if least < len(specs) else str(least)
-        raise Refused(f"{what} takes {count} arguments ({names}), got {len(values)}")
-    given = dict(zip((spec.name for spec in specs), values))
-    return tuple(_checked(what, specs, given, Refused).values())
+def checked_call(fn: Callable, what: str, error: type, *args, **kwargs):
+    """``fn(*args, **kwargs)`` once the arguments fit its signature and its
+    annotations (``CHECKS``); else ``error`` naming the one that does not."""
+    code = getattr(fn, "__func__", fn).__code__
+    sig = _signatures.get(code)
+    if sig is None:
+        sig = _signatures[code] = inspect.signature(fn)
+    try:
+        bound = sig.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            check = CHECKS.get(sig.parameters[name].annotation)
+            if check is not None:
+                try:
+                    bound.arguments[name] = check(value)
+                except (TypeError, ValueError) as e:
+                    raise TypeError(f"{name} {e}") from None
+    except TypeError as e:
+        raise error(f"{what}: {e}") from None
+    return fn(*bound.args, **bound.kwargs)
 
 
 def ok(call: Call, value=None) -> list:
@@ -150,26 +133,25 @@ def _who(caller: Caller) -> tuple:
 
 # -- the base: parking ----------------------------------------------------------------
 class _Shared:
-    """One object. ``setup`` makes its state and returns its methods; ``LINES``
-    name its queues of waiters; the ``on_*`` hooks say what becomes of a waiter
-    that times out, is cancelled, or whose process went."""
+    """One object. ``setup(**params)`` makes its state and returns its methods
+    (name -> ``fn(call, *args)``, whose annotations say what the wire may pass);
+    ``LINES`` name its queues of waiters; the ``on_*`` hooks say what becomes of
+    a waiter that times out, is cancelled, or whose process went."""
 
     kind = ""
-    PARAMS: tuple = ()
     LINES: tuple = ()
     timeout_status, timeout_value = TIMEOUT, None
 
-    def __init__(self, table: "ObjectTable", oid: int, params):
+    def __init__(self, table: "ObjectTable", oid: int, params: dict):
         self.table, self.oid = table, oid
         self.handles, self.pins = 1, 0
         self.lines = {name: collections.deque() for name in self.LINES}
-        if not isinstance(params, dict):
-            raise ValueError(f"{self.kind}: the parameters must be a dict, not "
-                             f"{type(params).__name__}")
-        self.methods: dict[str, Method] = self.setup(
-            _checked(self.kind, self.PARAMS, params, ValueError))
+        if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+            raise ValueError(f"{self.kind}: the parameters must be a dict of names, "
+                             f"not {params!r}")
+        self.methods: dict = checked_call(self.setup, self.kind, ValueError, **params)
 
-    def setup(self, params: dict) -> dict:
+    def setup(self) -> dict:
         raise NotImplementedError
 
     def park(self, call: Call, line: str, **fields) -> list:
@@ -180,7 +162,10 @@ class _Shared:
             return self.on_timeout(w)
         if call.timeout is not None:
             w.deadline = self.table.clock() + call.timeout
-        self.lines[line].append(w)
+        return self.line_up(w)
+
+    def line_up(self, w: Waiter) -> list:
+        self.lines[w.line].append(w)
         self.table.index(w)
         return []
 
@@ -196,9 +181,8 @@ class _Shared:
         return None
 
     def take_all(self, line: str) -> list:
-        queue = self.lines[line]
-        out = list(queue)
-        queue.clear()
+        out = list(self.lines[line])
+        self.lines[line].clear()
         for w in out:
             self.table.forget(w)
         return out
@@ -206,7 +190,7 @@ class _Shared:
     def answer_all(self, line: str, status: str, value=None) -> list:
         return [Done(w.token, status, value) for w in self.take_all(line)]
 
-    # what becomes of a waiter taken out of its line by the table:
+    # what becomes of a waiter the table took out of its line:
     def on_timeout(self, w: Waiter) -> list:
         return [Done(w.token, self.timeout_status, self.timeout_value)]
 
@@ -228,25 +212,22 @@ class _Shared:
 # -- the kinds ---------------------------------------------------------------------------
 class Queue(_Shared):
     kind = "queue"
-    PARAMS = (Arg("maxsize", _int, 0), Arg("joinable", _flag, False))
     LINES = ("get", "put", "poll", "join")
 
-    def setup(self, p):
-        self.maxsize, self.joinable = p["maxsize"], p["joinable"]
+    def setup(self, maxsize: int = 0, joinable: bool = False):
+        self.maxsize, self.joinable = maxsize, joinable
         self.items: collections.deque = collections.deque()
         self.unfinished = 0
-        item = (Arg("item", _bytes),)
-        return {"put": Method(self.put, item), "get": Method(self.get),
-                "unget": Method(self.unget, item), "poll": Method(self.poll),
-                "qsize": Method(lambda call: ok(call, len(self.items))),
-                "empty": Method(lambda call: ok(call, not self.items)),
-                "full": Method(lambda call: ok(call, self.is_full())),
-                "task_done": Method(self.task_done), "join": Method(self.join)}
+        return {"put": self.put, "get": self.get, "unget": self.unget, "poll": self.poll,
+                "qsize": lambda call: ok(call, len(self.items)),
+                "empty": lambda call: ok(call, not self.items),
+                "full": lambda call: ok(call, self.is_full()),
+                "task_done": self.task_done, "join": self.join}
 
     def is_full(self) -> bool:
         return 0 < self.maxsize <= len(self.items)
 
-    def put(self, call, item):
+    def put(self, call, item: bytes):
         if self.is_full():
             return self.park(call, "put", item=item)
         self.items.append(item)
@@ -258,7 +239,7 @@ class Queue(_Shared):
             return self.park(call, "get")
         return ok(call, self.items.popleft()) + self.flow()
 
-    def unget(self, call, item):
+    def unget(self, call, item: bytes):
         self.items.appendleft(item)
         return ok(call) + self.flow()
 
@@ -273,15 +254,14 @@ class Queue(_Shared):
                 w = self.next_live("get")
                 if w is not None:
                     dones.append(Done(w.token, OK, self.items.popleft()))
-                continue
-            if self.lines["put"] and not self.is_full():
+            elif self.lines["put"] and not self.is_full():
                 w = self.next_live("put")
                 if w is not None:
                     self.items.append(w.item)
                     self.unfinished += 1
                     dones.append(Done(w.token, OK, None))
-                continue
-            break
+            else:
+                break
         if self.items:
             dones += self.answer_all("poll", OK, True)
         return dones
@@ -295,8 +275,7 @@ class Queue(_Shared):
         if self.unfinished <= 0:
             raise Refused("task_done() called too many times")
         self.unfinished -= 1
-        joined = self.answer_all("join", OK) if self.unfinished == 0 else []
-        return ok(call) + joined
+        return ok(call) + (self.answer_all("join", OK) if self.unfinished == 0 else [])
 
     def join(self, call):
         self._joinable("join")
@@ -305,17 +284,16 @@ class Queue(_Shared):
 
 class Lock(_Shared):
     kind = "lock"
-    PARAMS = (Arg("recursive", _flag, False),)
     LINES = ("acquire",)
 
-    def setup(self, p):
-        self.recursive = p["recursive"]
+    def setup(self, recursive: bool = False):
+        self.recursive = recursive
         self.owner: tuple | None = None     # (client, thread), for a plain lock too
         self.depth = 0
-        return {"acquire": Method(self.acquire), "release": Method(self.release),
-                "is_mine": Method(lambda call: ok(call, self.owns(call.caller))),
-                "count": Method(lambda call: ok(call, self.depth)),
-                "owner": Method(lambda call: ok(call, self.owner))}
+        return {"acquire": self.acquire, "release": self.release,
+                "is_mine": lambda call: ok(call, self.owns(call.caller)),
+                "count": lambda call: ok(call, self.depth),
+                "owner": lambda call: ok(call, self.owner)}
 
     def owns(self, caller: Caller) -> bool:
         return self.owner is not None and self.owner == _who(caller)
@@ -353,25 +331,20 @@ class Lock(_Shared):
     def enqueue(self, w: Waiter) -> list:
         """A condition's waiter wants the lock back: it waits for it with no deadline."""
         w.obj, w.line, w.deadline = self, "acquire", None
-        if self.owner is None:
-            return [self.grant(w)]
-        self.lines["acquire"].append(w)
-        self.table.index(w)
-        return []
+        return [self.grant(w)] if self.owner is None else self.line_up(w)
 
 
 class Semaphore(_Shared):
     kind = "semaphore"
-    PARAMS = (Arg("value", _int, 1), Arg("bounded", _flag, False))
     LINES = ("acquire",)
 
-    def setup(self, p):
-        if p["value"] < 0:
+    def setup(self, value: int = 1, bounded: bool = False):
+        if value < 0:
             raise ValueError("semaphore: value must be >= 0")
-        self.value = self.initial = p["value"]
-        self.bounded = p["bounded"]
-        return {"acquire": Method(self.acquire), "release": Method(self.release),
-                "get_value": Method(lambda call: ok(call, self.value))}
+        self.value = self.initial = value
+        self.bounded = bounded
+        return {"acquire": self.acquire, "release": self.release,
+                "get_value": lambda call: ok(call, self.value)}
 
     def acquire(self, call):
         if self.value > 0:
@@ -391,18 +364,15 @@ class Semaphore(_Shared):
 
 class Condition(_Shared):
     kind = "condition"
-    PARAMS = (Arg("lock", _int),)
     LINES = ("wait",)
 
-    def setup(self, p):
-        lock = self.table.objects.get(p["lock"])
-        if not isinstance(lock, Lock):
-            raise ValueError(f"condition: lock {p['lock']} is not a lock of this host")
-        self.lock = lock
-        self.table.hold(lock.oid)                 # the condition keeps its lock
-        return {"wait": Method(self.wait),
-                "notify": Method(self.notify, (Arg("n", _int, 1),)),
-                "notify_all": Method(lambda call: self.notify(call, len(self.lines["wait"])))}
+    def setup(self, lock: int):
+        self.lock = self.table.find(lock)
+        if not isinstance(self.lock, Lock):
+            raise ValueError(f"condition: lock {lock} is not a lock of this host")
+        self.table.hold(lock)                 # the condition keeps its lock
+        return {"wait": self.wait, "notify": self.notify,
+                "notify_all": lambda call: self.notify(call, len(self.lines["wait"]))}
 
     def wait(self, call):
         if not self.lock.owns(call.caller):
@@ -410,7 +380,7 @@ class Condition(_Shared):
         count = self.lock.depth
         return self.lock.free() + self.park(call, "wait", count=count)
 
-    def notify(self, call, n):
+    def notify(self, call, n: int = 1):
         if not self.lock.owns(call.caller):
             raise Refused("cannot notify on un-acquired lock")
         dones = []
@@ -422,7 +392,7 @@ class Condition(_Shared):
         return ok(call) + dones
 
     def on_timeout(self, w):
-        """As the stdlib: the lock is taken back first, then wait answers False."""
+        """As the stdlib's: the lock is taken back first, then wait answers False."""
         if self.table.dead(w.caller):
             return []
         w.result = False
@@ -437,11 +407,10 @@ class Event(_Shared):
     LINES = ("wait",)
     timeout_status, timeout_value = OK, False
 
-    def setup(self, p):
+    def setup(self):
         self.flag = False
-        return {"set": Method(self.set), "clear": Method(self.clear),
-                "is_set": Method(lambda call: ok(call, self.flag)),
-                "wait": Method(self.wait)}
+        return {"set": self.set, "clear": self.clear, "wait": self.wait,
+                "is_set": lambda call: ok(call, self.flag)}
 
     def set(self, call):
         self.flag = True
@@ -459,28 +428,25 @@ class Barrier(_Shared):
     """``threading.Barrier``. With an action, the last to arrive is answered
     ACTION and runs it; its ``action_done`` releases the others (or breaks the
     barrier). Calls arriving meanwhile wait in ``early`` (the stdlib's wait
-    for the lock) and enter the next generation, their timeouts starting then."""
+    for its lock) and make the next generation, their timeouts starting then.
+    A wait that times out, is cancelled or whose process goes breaks it."""
 
     kind = "barrier"
-    PARAMS = (Arg("parties", _int), Arg("action", _flag, False), Arg("timeout", _seconds, None))
     LINES = ("wait", "early")
     timeout_status = BROKEN
 
-    def setup(self, p):
-        if p["parties"] < 1:
+    def setup(self, parties: int, action: bool = False, timeout: float | None = None):
+        if parties < 1:
             raise ValueError("barrier: parties must be >= 1")
-        self.parties, self.action, self.timeout = p["parties"], p["action"], p["timeout"]
+        self.parties, self.action, self.timeout = parties, action, timeout
         self.broken = False
         self.acting: str | None = None      # the client running the action
-        return {"wait": Method(self.wait),
-                "action_done": Method(self.action_done, (Arg("ok", _flag),)),
-                "reset": Method(self.reset), "abort": Method(self.abort),
-                "n_waiting": Method(lambda call: ok(call, self.n_waiting())),
-                "broken": Method(lambda call: ok(call, self.broken)),
-                "parties": Method(lambda call: ok(call, self.parties))}
-
-    def n_waiting(self) -> int:
-        return len(self.lines["wait"]) + (self.acting is not None)
+        return {"wait": self.wait, "action_done": self.action_done,
+                "reset": self.reset, "abort": self.abort,
+                "n_waiting": lambda call: ok(call, len(self.lines["wait"]) +
+                                             (self.acting is not None)),
+                "broken": lambda call: ok(call, self.broken),
+                "parties": lambda call: ok(call, self.parties)}
 
     def wait(self, call):
         if call.timeout is None:
@@ -509,7 +475,7 @@ class Barrier(_Shared):
                 dones += self.wait(Call(w.token, w.caller, w.timeout))
         return dones
 
-    def action_done(self, call, succeeded):
+    def action_done(self, call, succeeded: bool):
         if self.acting is None:                 # reset or aborted meanwhile
             return ok(call)
         return ok(call) + (self.release_all() if succeeded else self.break_all())
@@ -542,30 +508,26 @@ class Barrier(_Shared):
 
 class Buffer(_Shared):
     kind = "buffer"
-    PARAMS = (Arg("size", _int), Arg("initial", lambda v: None if v is None else _bytes(v),
-                                     None))
 
-    def setup(self, p):
-        if p["size"] < 0:
+    def setup(self, size: int, initial: bytes | None = None):
+        if size < 0:
             raise ValueError("buffer: size must be >= 0")
-        if p["initial"] is not None and len(p["initial"]) != p["size"]:
-            raise ValueError(f"buffer: initial holds {len(p['initial'])} bytes, "
-                             f"not size={p['size']}")
-        self.data = bytearray(p["size"]) if p["initial"] is None else bytearray(p["initial"])
-        return {"read": Method(self.read, (Arg("start", _int), Arg("stop", _int))),
-                "write": Method(self.write, (Arg("start", _int), Arg("data", _bytes))),
-                "size": Method(lambda call: ok(call, len(self.data)))}
+        if initial is not None and len(initial) != size:
+            raise ValueError(f"buffer: initial holds {len(initial)} bytes, not size={size}")
+        self.data = bytearray(size) if initial is None else bytearray(initial)
+        return {"read": self.read, "write": self.write,
+                "size": lambda call: ok(call, len(self.data))}
 
     def _check(self, what, start, stop):
         if not 0 <= start <= stop <= len(self.data):
             raise Refused(f"{what} of bytes {start}:{stop} is out of range: "
                           f"the buffer holds {len(self.data)}")
 
-    def read(self, call, start, stop):
+    def read(self, call, start: int, stop: int):
         self._check("read", start, stop)
         return ok(call, bytes(self.data[start:stop]))
 
-    def write(self, call, start, data):
+    def write(self, call, start: int, data: bytes):
         self._check("write", start, start + len(data))
         self.data[start:start + len(data)] = data
         return ok(call)
@@ -592,7 +554,7 @@ class ObjectTable:
         self.oids = itertools.count(1)
         self.seq = itertools.count()
 
-    # -- objects ---------------------------------------------------------------------
+    # -- objects and calls -------------------------------------------------------------
     def create(self, kind: str, params: dict) -> int:
         cls = KINDS.get(kind) if isinstance(kind, str) else None
         if cls is None:
@@ -610,24 +572,26 @@ class ObjectTable:
         if obj is None:
             return [Done(token, GONE, f"no object {oid!r} here: removed when its last "
                                       f"handle went, or never made")]
+        what = f"{obj.kind}.{method}()"
         try:
-            entry = obj.methods.get(method) if isinstance(method, str) else None
-            if entry is None:
+            fn = obj.methods.get(method) if isinstance(method, str) else None
+            if fn is None:
                 raise Refused(f"a {obj.kind} has no method {method!r}")
             hash(token)
             if token in self.parked:
                 raise Refused(f"a call filed under {token!r} is already waiting")
+            if not isinstance(args, (tuple, list)):
+                raise Refused(f"{what}: the arguments must be a tuple, not {args!r}")
             try:
                 seconds = _seconds(timeout)
             except (TypeError, ValueError) as e:
-                raise Refused(f"{method}: timeout {e}") from None
-            values = _bind(f"{obj.kind}.{method}()", entry.args, args)
-            return entry.fn(Call(token, caller, seconds), *values)
+                raise Refused(f"{what}: timeout {e}") from None
+            return checked_call(fn, what, Refused, Call(token, caller, seconds), *args)
         except Refused as e:
             return [Done(token, ERROR, str(e))]
         except Exception as e:        # a bug, or a caller that is not a Caller
-            log.exception("%s %s.%s failed", obj.kind, oid, method)
-            return [Done(token, ERROR, f"{obj.kind}.{method}() failed: {e!r}")]
+            log.exception("%s (object %s) failed", what, oid)
+            return [Done(token, ERROR, f"{what} failed: {e!r}")]
 
     # -- parked calls ------------------------------------------------------------------
     def index(self, w: Waiter) -> None:
@@ -658,7 +622,7 @@ class ObjectTable:
     def cancel(self, token) -> list:
         try:
             w = self.parked.get(token)
-        except TypeError:
+        except TypeError:             # unhashable: never parked
             return []
         if w is None:
             return []

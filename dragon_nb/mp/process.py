@@ -24,7 +24,8 @@ import threading
 
 import cloudpickle
 
-from dragon_nb.runtime import launch, liveness
+from dragon_nb.runtime import launch, liveness, network
+from dragon_nb.wire import serialization as S
 
 ENTRY = "dragon_nb.mp.entry:main"
 START_METHOD = "dragon"
@@ -48,6 +49,7 @@ class Popen:
         node = self._hub.place() if node is None else _check_node(self._hub.runtime, node)
         spec = pickle.dumps({"process": _dump_process(process_obj, self),
                              "hub": self._hub.address, "env": launch.caller_environment(),
+                             "parent_space": network.pid_space(),
                              "hosts": object_hosts.known()})
         try:
             self.node, self.pid = self._hub.spawn(ENTRY, spec, node)
@@ -142,7 +144,7 @@ def _dump_process(process_obj, popen) -> bytes:
     mpctx.set_spawning_popen(popen)        # its authkey may travel, as with spawn
     try:
         try:
-            return cloudpickle.dumps(process_obj, protocol=5)
+            return S.dumps_with_source(process_obj, getattr(process_obj, "_target", None))
         except Exception as e:
             raise TypeError(f"cannot start {process_obj!r} on the runtime: "
                             f"{_culprit(process_obj)} cannot be pickled ({e})") from e

@@ -71,6 +71,7 @@ class RLock(Lock):
     """``multiprocessing.RLock``."""
 
     _recursive = True
+    _error = RuntimeError         # releasing an RLock one does not hold, as threading's
 
 
 class Semaphore(_Acquirable):
@@ -103,6 +104,7 @@ class Condition(Shared):
     """``multiprocessing.Condition``, on ``lock`` (a new RLock by default)."""
 
     _kind = "condition"
+    _error = RuntimeError         # waiting or notifying without the lock, as threading's
 
     def __init__(self, lock=None, *, ctx=None):
         if lock is None:
@@ -131,11 +133,15 @@ class Condition(Shared):
         self._lock.release()
 
     def wait(self, timeout: float | None = None) -> bool:
-        return bool(self._value_timed("wait", timeout))
-
-    def _value_timed(self, method, timeout):
-        status, value = self._call(method, timeout=_wait_timeout(True, timeout))
-        return value if status == OK else False
+        relocked = []                # the host gave the lock back before the interrupt
+        try:
+            status, value = self._call("wait", timeout=_wait_timeout(True, timeout),
+                                       undo=relocked.append)
+        except KeyboardInterrupt:
+            if not relocked:         # as the stdlib's wait, which re-acquires in a finally
+                self._lock.acquire()
+            raise
+        return bool(value) if status == OK else False
 
     def wait_for(self, predicate, timeout: float | None = None):
         result = predicate()
@@ -178,6 +184,10 @@ class Event(Shared):
     def wait(self, timeout: float | None = None) -> bool:
         status, value = self._call("wait", timeout=_wait_timeout(True, timeout))
         return bool(value) if status == OK else False
+
+    def __repr__(self):
+        return f"<{type(self).__qualname__} at {id(self):#x} " \
+               f"{'set' if self.is_set() else 'unset'}>"
 
 
 class Barrier(Shared):

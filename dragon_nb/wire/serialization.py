@@ -95,17 +95,29 @@ def dumps_function(func) -> bytes:
     the real name along, and the source lines when they exist only in this
     process (a notebook cell), so the worker's traceback can show them.
     """
+    return dumps_with_source(func, func)
+
+
+def loads_function(blob):
+    return loads_with_source(blob, lambda func: func)[0]
+
+
+def dumps_with_source(obj, func) -> bytes:
+    """``obj`` by value, with where ``func`` (a part of it) came from."""
     code = getattr(func, "__code__", None)
     filename = lines = None
     if isinstance(code, types.CodeType):
         filename = code.co_filename
         if not os.path.exists(filename):
             lines = linecache.getlines(filename) or None
-    return _dump_work((func, filename, lines))
+    return _dump_work((obj, filename, lines))
 
 
-def loads_function(blob):
-    func, filename, lines = pickle.loads(blob)
+def loads_with_source(blob, find):
+    """-> (obj, func): ``obj`` of ``dumps_with_source``, and its ``find(obj)``
+    with the name of its source file back (and its lines, for a cell's)."""
+    obj, filename, lines = pickle.loads(blob)
+    func = find(obj)
     code = getattr(func, "__code__", None)
     if filename and isinstance(code, types.CodeType) and code.co_filename == "<dynamic-code>":
         if lines:
@@ -114,7 +126,7 @@ def loads_function(blob):
             func.__code__ = _renamed(code, filename)
         except (TypeError, ValueError):
             pass
-    return func
+    return obj, func
 
 
 def _renamed(code: types.CodeType, filename: str) -> types.CodeType:
