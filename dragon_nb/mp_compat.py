@@ -82,7 +82,7 @@ class DragonContext(mpctx.BaseContext):
 # the names routed by start method: every factory of the context that dragon-nb has
 ROUTED = ("Pool", "cpu_count", "Queue", "JoinableQueue", "SimpleQueue", "Pipe", "Lock",
           "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event", "Barrier",
-          "Value", "Array", "RawValue", "RawArray")
+          "Value", "Array", "RawValue", "RawArray", "Manager")
 
 _CONTEXT = DragonContext()
 _originals: dict = {}

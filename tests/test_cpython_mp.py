@@ -7,11 +7,12 @@ in its object hosts (84 tests of ``Lib/test/_test_multiprocessing.py``).
 setUpModule sets the start method. dragon_nb is imported first so that the
 suite's ``multiprocessing.Queue`` and the like are the routed ones.
 
-One helper of the suite is replaced, not a test: ``_DummyList``, which the
+Two helpers of the suite are replaced, no test: ``_DummyList``, which the
 barrier tests use to count arrivals, keeps its count in fork-inherited heap
 memory (``multiprocessing.heap.BufferWrapper``), which a process on another
-node cannot share. The replacement keeps the same count in a
-``multiprocessing.Value``, the suite's own locking around it.
+node cannot share: the replacement keeps it in a ``multiprocessing.Value``.
+And the condition tests' ``check_invariant`` reads the stdlib Condition's
+private semaphores: the replacement asks the host how many still wait.
 """
 import multiprocessing
 
@@ -35,6 +36,15 @@ class _SharedCount:
 
 
 _tm._DummyList = _SharedCount
+
+
+def _no_sleeper_left(self, cond):
+    """The condition tests' invariant, "no process still waits on it": the stdlib's
+    check reads its Condition's private semaphores; this one asks the host."""
+    self.assertEqual(cond._n_waiting(), 0)
+
+
+_tm._TestCondition.check_invariant = _no_sleeper_left
 
 _tm.install_tests_in_module_dict(globals(), "dragon", only_type="processes")
 

@@ -99,28 +99,47 @@ def _seconds(v) -> float | None:
 CHECKS = {"bytes": _bytes, "int": _int, "float | None": _seconds,
           "bool": _checker(lambda v: isinstance(v, bool), "True or False"),
           "bytes | None": lambda v: None if v is None else _bytes(v)}
-_signatures: dict = {}                # code -> inspect.Signature
 
 
-def checked_call(fn: Callable, what: str, error: type, *args, **kwargs):
-    """``fn(*args, **kwargs)`` once the arguments fit its signature and its
-    annotations (``CHECKS``); else ``error`` naming the one that does not."""
-    code = getattr(fn, "__func__", fn).__code__
-    sig = _signatures.get(code)
-    if sig is None:
-        sig = _signatures[code] = inspect.signature(fn)
-    try:
-        bound = sig.bind(*args, **kwargs)
-        for name, value in bound.arguments.items():
-            check = CHECKS.get(sig.parameters[name].annotation)
-            if check is not None:
-                try:
-                    bound.arguments[name] = check(value)
-                except (TypeError, ValueError) as e:
-                    raise TypeError(f"{name} {e}") from None
-    except TypeError as e:
-        raise error(f"{what}: {e}") from None
-    return fn(*bound.args, **bound.kwargs)
+class _Param(NamedTuple):
+    name: str
+    check: Callable | None           # from CHECKS, by annotation
+    default: object                  # inspect.Parameter.empty: required
+
+
+_plans: dict = {}                     # (code, len(lead)) -> its other parameters
+
+
+def checked_call(fn: Callable, what: str, error: type, lead: tuple = (), args: tuple = (),
+                 kwargs: dict | None = None):
+    """``fn(*lead, *args, **kwargs)`` once ``args`` and ``kwargs`` fit its
+    signature and annotations (``CHECKS``); else ``error`` naming the problem."""
+    key = getattr(fn, "__func__", fn).__code__, len(lead)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = tuple(_Param(p.name, CHECKS.get(p.annotation), p.default) for p
+                                   in inspect.signature(fn).parameters.values())[len(lead):]
+    if len(args) > len(plan) or kwargs and not set(kwargs) <= {p.name for p in plan}:
+        names = ", ".join(p.name for p in plan)
+        if len(args) > len(plan):
+            raise error(f"{what}: takes at most {len(plan)} arguments ({names}), "
+                        f"got {len(args)}")
+        unknown = sorted(set(kwargs) - {p.name for p in plan})
+        raise error(f"{what}: unknown parameters {unknown} (it takes {names})")
+    kwargs = kwargs or {}
+    values = list(lead)
+    for i, p in enumerate(plan):
+        if i < len(args) or p.name in kwargs:
+            try:
+                value = args[i] if i < len(args) else kwargs[p.name]
+                values.append(value if p.check is None else p.check(value))
+            except (TypeError, ValueError) as e:
+                raise error(f"{what}: {p.name} {e}") from None
+        elif p.default is inspect.Parameter.empty:
+            raise error(f"{what}: the argument {p.name!r} is missing")
+        else:
+            values.append(p.default)
+    return fn(*values)
 
 
 def ok(call: Call, value=None) -> list:
@@ -149,7 +168,7 @@ class _Shared:
         if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
             raise ValueError(f"{self.kind}: the parameters must be a dict of names, "
                              f"not {params!r}")
-        self.methods: dict = checked_call(self.setup, self.kind, ValueError, **params)
+        self.methods: dict = checked_call(self.setup, self.kind, ValueError, kwargs=params)
 
     def setup(self) -> dict:
         raise NotImplementedError
@@ -372,7 +391,8 @@ class Condition(_Shared):
             raise ValueError(f"condition: lock {lock} is not a lock of this host")
         self.table.hold(lock)                 # the condition keeps its lock
         return {"wait": self.wait, "notify": self.notify,
-                "notify_all": lambda call: self.notify(call, len(self.lines["wait"]))}
+                "notify_all": lambda call: self.notify(call, len(self.lines["wait"])),
+                "n_waiting": lambda call: ok(call, len(self.lines["wait"]))}  # not notified
 
     def wait(self, call):
         if not self.lock.owns(call.caller):
@@ -586,7 +606,7 @@ class ObjectTable:
                 seconds = _seconds(timeout)
             except (TypeError, ValueError) as e:
                 raise Refused(f"{what}: timeout {e}") from None
-            return checked_call(fn, what, Refused, Call(token, caller, seconds), *args)
+            return checked_call(fn, what, Refused, (Call(token, caller, seconds),), tuple(args))
         except Refused as e:
             return [Done(token, ERROR, str(e))]
         except Exception as e:        # a bug, or a caller that is not a Caller

@@ -154,6 +154,10 @@ class Condition(Shared):
             result = predicate()
         return result
 
+    def _n_waiting(self) -> int:
+        """Waits not notified yet (what the stdlib counts with two semaphores)."""
+        return self._value("n_waiting")
+
     def notify(self, n: int = 1) -> None:
         self._value("notify", n)
 
