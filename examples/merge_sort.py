@@ -7,6 +7,7 @@ their sorted halves back on a Queue, and merges them. Under ``dragon-nb run``
     dragon-nb run --nodes 4 examples/merge_sort.py --size 2000 --cutoff 250
 """
 import argparse
+import os
 import random
 
 import dragon  # noqa: F401  (dragon-nb run makes this dragon_nb)
@@ -26,7 +27,7 @@ def merge(left, right):
 
 
 def sort(values, cutoff, result: "mp.queues.Queue", side: str, where: "mp.queues.Queue"):
-    where.put(mp.current_process().name)
+    where.put(os.environ.get("DRAGON_NB_NODE", "?"))     # the node it runs on
     if len(values) <= cutoff:
         result.put((side, sorted(values)))
         return
@@ -58,8 +59,8 @@ def main():
     while not where.empty():
         started.append(where.get())
     assert ordered == sorted(values), "the merge sort is wrong"
-    print(f"sorted {len(values)} values with {len(started)} processes; "
-          f"exit code {root.exitcode}")
+    print(f"sorted {len(values)} values with {len(started)} processes "
+          f"on nodes {','.join(sorted(set(started)))}; exit code {root.exitcode}")
 
 
 if __name__ == "__main__":

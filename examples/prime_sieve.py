@@ -8,6 +8,7 @@ Each stage reports its prime and where it ran on a results Queue.
     dragon-nb run --nodes 4 examples/prime_sieve.py --limit 200
 """
 import argparse
+import os
 import socket
 
 import dragon  # noqa: F401  (dragon-nb run makes this dragon_nb)
@@ -21,7 +22,7 @@ def stage(inbox: "mp.queues.Queue", results: "mp.queues.Queue"):
     prime = inbox.get(timeout=120)
     if prime is END:
         return
-    results.put((prime, mp.current_process().name, socket.gethostname()))
+    results.put((prime, os.environ.get("DRAGON_NB_NODE", "?"), socket.gethostname()))
     outbox = child = None
     while True:
         n = inbox.get(timeout=120)
@@ -59,8 +60,10 @@ def main():
                 if all(n % d for d in range(2, int(n ** 0.5) + 1))]
     assert primes == expected, f"wrong primes: {primes}"
     hosts = sorted({h for _, _, h in found})
-    print(f"{len(primes)} primes up to {args.limit}, one stage process each, "
-          f"on {len(hosts)} host(s); the last is {primes[-1]}; exit code {head.exitcode}")
+    nodes = sorted({n for _, n, _ in found})
+    print(f"{len(primes)} primes up to {args.limit}, one stage process each, on nodes "
+          f"{','.join(nodes)} of {len(hosts)} host(s); the last is {primes[-1]}; "
+          f"exit code {head.exitcode}")
 
 
 if __name__ == "__main__":

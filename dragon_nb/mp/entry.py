@@ -101,6 +101,7 @@ class _Flushing(ForwardedStream):
 def main(spec_bytes: bytes, ctx) -> int:
     spec = pickle.loads(spec_bytes)
     launch.adopt_caller_environment(spec["env"])
+    os.environ["DRAGON_NB_NODE"] = str(ctx.node)       # where it runs, for the user's code
     client.attach_here(ctx.head, ctx.network)
     object_hosts.adopt(spec["hosts"], ctx.node)
     mp_compat.select_here()

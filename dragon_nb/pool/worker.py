@@ -354,6 +354,7 @@ class Worker:
 def main(spec_bytes: bytes, ctx) -> int:
     spec = S.loads(spec_bytes)
     adopt_caller_environment(spec)
+    os.environ["DRAGON_NB_NODE"] = str(ctx.node)       # where it runs, for the user's code
     attach_here(ctx.head, ctx.network)       # its tasks may start processes and pools
     mp_compat.select_here()
     name = f"DragonPoolWorker-{ctx.node}-{os.getpid()}"
