@@ -9,7 +9,8 @@ use them and pass them on (through queues, as arguments, inside a DDict value).
 * ``process``: the ``Popen`` a ``Process`` gets: a node agent starts it;
 * ``hub``: how a process hears from those it started (prints, exits);
 * ``entry``: what runs in a started Process, around ``Process._bootstrap``;
-* ``objects``: an object host's logic (queues, locks, ...: no sockets);
+* ``objects``: an object host's logic (queues, locks, ...: no sockets), its
+  requests' arguments checked by signature (``signatures``);
 * ``host``: the object host process around it; ``link``: the client side;
 * ``queues``, ``synchronize``, ``sharedctypes``, ``connection``: the handles
   users hold, with the stdlib's interfaces.
