@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_ddict.py
 	$(PY) benchmarks/bench_hosts.py
+	$(PY) benchmarks/bench_mp.py
 
 # re-run the tutorial notebooks and store their outputs (then `make test` checks them)
 notebooks: $(STAMP)
