@@ -78,7 +78,7 @@ class Connection:
     # -- receiving ----------------------------------------------------------------------------
     def _take(self) -> bytes:
         self._check(need_in=True)
-        return self._in._call("get", undo=lambda item: self._in._call("unget", item))[1]
+        return self._in._call("get", undo=lambda item: self._in._send("unget", item))[1]
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
         if maxlength is not None and maxlength < 0:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from dragon_nb.errors import RuntimeRequestError
 from dragon_nb.forwarding import emit
 from dragon_nb.runtime.client import exit_reason, get_runtime
 from dragon_nb.tunables import BYE_GRACE_S, HOST_START_S
@@ -92,6 +93,16 @@ class Hub:
         self.subscribed.wait(LIVENESS_POLL_S * 4)   # else a quick exit could go unheard
         return tuple(self.runtime.spawn(entry, spec, 1, self.owner, nodes=[node])[0])
 
+    def spawn_placed(self, entry: str, spec: bytes) -> tuple:
+        """``spawn`` on the next node round-robin; a node lost since the node table
+        was read is skipped (the table is read again)."""
+        try:
+            return self.spawn(entry, spec, self.place())
+        except RuntimeRequestError as e:
+            if "no such live node" not in str(e):
+                raise
+            return self.spawn(entry, spec, self.place(refresh=True))
+
     def track(self, key: tuple, finish, context) -> None:
         """Follow the process ``key``: its prints go out in ``context``, ``finish(code,
         why)`` is called once it has ended."""
@@ -123,9 +134,10 @@ class Hub:
                 self.bound_changed.wait(min(left, LIVENESS_POLL_S))
             return self.bound.pop(key)
 
-    def place(self) -> int:
+    def place(self, refresh: bool = False) -> int:
         """Dragon's default placement: round-robin over the live nodes."""
-        nodes = [n["id"] for n in self.runtime.nodes(refresh=self.runtime.network.tcp)
+        table = self.runtime.nodes(refresh=refresh or self.runtime.network.tcp)
+        nodes = [n["id"] for n in table
                  if n.get("alive", True)]
         if not nodes:
             raise RuntimeError("the dragon-nb runtime has no live node to start a process on")

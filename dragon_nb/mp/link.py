@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import threading
 import time
 import weakref
@@ -29,7 +30,7 @@ import zmq
 from dragon_nb.errors import ObjectHostLostError, SharedObjectError
 from dragon_nb.mp import object_hosts
 from dragon_nb.mp.object_hosts import HostRef
-from dragon_nb.mp.objects import CANCELLED, ERROR, GONE, OK
+from dragon_nb.mp.objects import ERROR, GONE, OK
 from dragon_nb.runtime import client, liveness, network
 from dragon_nb.tunables import CALL_SLICE_S, CANCEL_WAIT_S
 from dragon_nb.wire import protocol as P
@@ -76,26 +77,81 @@ class Link:
     def call(self, host: HostRef, oid: int, method: str, args=(), timeout=None,
              undo=None, what: str = "") -> tuple:
         """-> (status, value) of ``method`` on object ``oid``. ``undo(value)``: how to
-        give back what a call interrupted too late had obtained."""
+        give back what an interrupted call had obtained; it must not wait (it sends,
+        see ``send``), as it may run while another call waits."""
         chan = self.channel(host.address)
         rid = next(self.rids)
-        chan.send(P.REQ, {"op": P.Op.MP_CALL, "rid": rid, "oid": oid, "method": method,
-                          "args": tuple(args), "timeout": timeout,
-                          "caller": (self.client, threading.get_ident(), self.proc)})
+        orphans = self.orphans()
+        result = None
+        with _sigint_held():      # from here on, an answer nobody takes is given back
+            orphans[(chan, rid)] = undo if undo is not None else _nothing
+            chan.send(P.REQ, {"op": P.Op.MP_CALL, "rid": rid, "oid": oid, "method": method,
+                              "args": tuple(args), "timeout": timeout,
+                              "caller": self.caller()})
         try:
-            return self.wait(chan, host, rid, what or method)
+            result = self.wait(chan, host, rid, what or method)
+            return result
         except KeyboardInterrupt:
-            self.cancel(chan, host, rid, undo)
+            with _sigint_held():
+                answer = result or self.answers().pop((chan, rid), None)
+                if answer is not None:               # answered, then interrupted
+                    if answer[0] == OK and undo is not None:
+                        undo(answer[1])
+            if answer is None:
+                self.cancel(chan, rid)
             raise
+        except BaseException:
+            orphans.pop((chan, rid), None)
+            raise
+
+    def send(self, host: HostRef, oid: int, method: str, args=()) -> None:
+        """Call ``method`` without waiting for its answer (a give-back)."""
+        self.channel(host.address).send(P.REQ, {
+            "op": P.Op.MP_CALL, "rid": next(self.rids), "oid": oid, "method": method,
+            "args": tuple(args), "timeout": 0, "caller": self.caller()})
+
+    def caller(self) -> tuple:
+        return (self.client, threading.get_ident(), self.proc)
+
+    def orphans(self) -> dict:
+        """This thread's calls given up on before their host answered: rid -> undo.
+        When their answer comes (read by a later call's wait), what they got goes back."""
+        orphans = getattr(self.local, "orphans", None)
+        if orphans is None:
+            orphans = self.local.orphans = {}
+        return orphans
+
+    def answers(self) -> dict:
+        """Answers read but not yet returned: (channel, rid) -> (status, value)."""
+        answers = getattr(self.local, "answers", None)
+        if answers is None:
+            answers = self.local.answers = {}
+        return answers
 
     def wait(self, chan: P.Channel, host: HostRef, rid: int, what: str) -> tuple:
         next_node_check = time.monotonic() + NODE_CHECK_S
+        orphans, answers = self.orphans(), self.answers()
         while True:
             if chan.poll(CALL_SLICE_S * 1000):
-                for _, kind, body, _ in chan.drain():
-                    if kind == P.REP and body.get("rid") == rid:
-                        return body["s"], body["v"]
-                continue                          # an answer to a call given up on
+                # a Ctrl-C between reading an answer and acting on it would lose what
+                # it carries: SIGINT waits until the answers are filed
+                with _sigint_held():
+                    for _, kind, body, _ in chan.drain():
+                        if kind == P.REP:
+                            answers[(chan, body.get("rid"))] = (body["s"], body["v"])
+                for key in [k for k in answers
+                            if k[0] is chan and k in orphans and k[1] != rid]:
+                    status, value = answers.pop(key)
+                    undo = orphans.pop(key)
+                    if status == OK:
+                        undo(value)              # a late answer to a call given up on
+                if (chan, rid) in answers:
+                    with _sigint_held():
+                        orphans.pop((chan, rid), None)
+                        return answers.pop((chan, rid))
+                for key in [k for k in answers if k[0] is chan]:
+                    del answers[key]             # answers nobody waits for
+                continue
             alive = host.process.alive()
             if alive is None and time.monotonic() >= next_node_check:
                 next_node_check = time.monotonic() + NODE_CHECK_S
@@ -105,31 +161,54 @@ class Link:
                     f"{what}: the object host on node {host.node} is gone (its node was "
                     f"lost or it was killed), and with it everything it held")
 
-    def cancel(self, chan, host, rid, undo) -> None:
-        """After an interrupt: drop the call, or give back what it got."""
+    def cancel(self, chan, rid) -> None:
+        """After an interrupt: ask the host to drop the call. Its answer, "cancelled"
+        or what it got (given back, see ``orphans``), is read here for up to
+        ``CANCEL_WAIT_S``, or else by a later call's wait on this channel."""
         crid = next(self.rids)
+        orphans = self.orphans()
         try:
             chan.send(P.REQ, {"op": P.Op.MP_CANCEL, "rid": crid, "what": rid})
             deadline = time.monotonic() + CANCEL_WAIT_S
             while time.monotonic() < deadline:
                 if not chan.poll(50):
                     continue
-                for _, kind, body, _ in chan.drain():
-                    if kind != P.REP:
-                        continue
-                    if body.get("rid") == rid:
-                        if body["s"] == OK and undo is not None:
-                            undo(body["v"])
-                        elif body["s"] == CANCELLED:
-                            pass
-                    elif body.get("rid") == crid:
-                        return
+                done = False
+                with _sigint_held():
+                    for _, kind, body, _ in chan.drain():
+                        if kind != P.REP:
+                            continue
+                        got = orphans.pop((chan, body.get("rid")), None)
+                        if got is not None and body["s"] == OK:
+                            got(body["v"])
+                        done = done or (body.get("rid") == crid and (chan, rid) not in orphans)
+                if done:
+                    return
+        except KeyboardInterrupt:    # a second Ctrl-C: the answer is dealt with later
+            raise
         except Exception:            # the host is gone: nothing to give back to
-            pass
+            orphans.pop((chan, rid), None)
 
     def refs(self, host: HostRef, changes) -> None:
         """Tell a host of handles made, pickled, unpickled or collected (no answer)."""
         self.channel(host.address).send(P.EVT, {"op": P.Op.MP_REFS, "changes": changes})
+
+
+def _nothing(value) -> None:
+    pass
+
+
+class _sigint_held:
+    """Hold SIGINT back (in the main thread) for a few lines that must not be cut."""
+
+    def __enter__(self):
+        self.main = threading.current_thread() is threading.main_thread()
+        if self.main:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def __exit__(self, *exc):
+        if self.main:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _node_alive(node: int) -> bool | None:
@@ -199,6 +278,10 @@ class Shared:
         if status == GONE:
             raise SharedObjectError(f"{type(self).__name__}.{method}(): {value}")
         return status, value
+
+    def _send(self, method: str, *args) -> None:
+        """``method`` without waiting: how an interrupted call gives back what it got."""
+        link().send(self._host, self._oid, method, args)
 
     def _value(self, method: str, *args):
         return self._call(method, *args)[1]

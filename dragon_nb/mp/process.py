@@ -46,13 +46,15 @@ class Popen:
         self.sentinel, self._sentinel_w = os.pipe()
         self._hub = hub.get_hub()
         node = getattr(process_obj, "_dragon_node", None)
-        node = self._hub.place() if node is None else _check_node(self._hub.runtime, node)
+        if node is not None:
+            node = _check_node(self._hub.runtime, node)
         spec = pickle.dumps({"process": _dump_process(process_obj, self),
                              "hub": self._hub.address, "env": launch.caller_environment(),
                              "parent_space": network.pid_space(),
                              "hosts": object_hosts.known()})
         try:
-            self.node, self.pid = self._hub.spawn(ENTRY, spec, node)
+            self.node, self.pid = self._hub.spawn_placed(ENTRY, spec) if node is None \
+                else self._hub.spawn(ENTRY, spec, node)
         except BaseException:
             self._close_fds()
             raise

@@ -59,7 +59,7 @@ class Queue(Shared):
     def get(self, block: bool = True, timeout: float | None = None):
         self._check_closed()
         status, data = self._call("get", timeout=_timeout(block, timeout),
-                                  undo=lambda item: self._call("unget", item))
+                                  undo=lambda item: self._send("unget", item))
         if status != OK:
             raise _queue.Empty
         return _loads(data)
@@ -124,7 +124,7 @@ class SimpleQueue(Shared):
 
     def get(self):
         self._check()
-        return _loads(self._call("get", undo=lambda item: self._call("unget", item))[1])
+        return _loads(self._call("get", undo=lambda item: self._send("unget", item))[1])
 
     def empty(self) -> bool:
         return self._value("empty")

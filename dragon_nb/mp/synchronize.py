@@ -30,7 +30,7 @@ def _wait_timeout(block: bool, timeout):
 class _Acquirable(Shared):
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
         status, _ = self._call("acquire", timeout=_wait_timeout(block, timeout),
-                               undo=lambda _: self._call("release"))
+                               undo=lambda _: self._send("release"))
         return status == OK
 
     def release(self) -> None:
