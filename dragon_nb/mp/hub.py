@@ -137,8 +137,7 @@ class Hub:
     def place(self, refresh: bool = False) -> int:
         """Dragon's default placement: round-robin over the live nodes."""
         table = self.runtime.nodes(refresh=refresh or self.runtime.network.tcp)
-        nodes = [n["id"] for n in table
-                 if n.get("alive", True)]
+        nodes = [n["id"] for n in table if n.get("alive", True)]
         if not nodes:
             raise RuntimeError("the dragon-nb runtime has no live node to start a process on")
         with self.lock:

@@ -194,6 +194,14 @@ class Link:
         self.channel(host.address).send(P.EVT, {"op": P.Op.MP_REFS, "changes": changes})
 
 
+def wait_timeout(block: bool, timeout: float | None) -> float | None:
+    """A blocking call's ``block``/``timeout`` as the host takes it: 0 for no wait,
+    None for no limit; a negative timeout counts as 0, as with the stdlib."""
+    if not block:
+        return 0
+    return None if timeout is None else max(0.0, timeout)
+
+
 def _nothing(value) -> None:
     pass
 

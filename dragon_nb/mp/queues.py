@@ -14,7 +14,7 @@ import queue as _queue
 
 import cloudpickle
 
-from dragon_nb.mp.link import Shared
+from dragon_nb.mp.link import Shared, wait_timeout
 from dragon_nb.mp.objects import OK
 
 
@@ -52,13 +52,13 @@ class Queue(Shared):
     def put(self, obj, block: bool = True, timeout: float | None = None) -> None:
         self._check_closed()
         data = _dumps(obj)
-        status, _ = self._call("put", data, timeout=_timeout(block, timeout))
+        status, _ = self._call("put", data, timeout=wait_timeout(block, timeout))
         if status != OK:
             raise _queue.Full
 
     def get(self, block: bool = True, timeout: float | None = None):
         self._check_closed()
-        status, data = self._call("get", timeout=_timeout(block, timeout),
+        status, data = self._call("get", timeout=wait_timeout(block, timeout),
                                   undo=lambda item: self._send("unget", item))
         if status != OK:
             raise _queue.Empty
@@ -138,9 +138,3 @@ class SimpleQueue(Shared):
 
     def __repr__(self):
         return f"<SimpleQueue on node {self._host.node}>"
-
-
-def _timeout(block: bool, timeout: float | None):
-    if not block:
-        return 0
-    return None if timeout is None else max(0.0, timeout)   # negative: as 0, as the stdlib

@@ -98,8 +98,7 @@ class RawArray(_Buffer):
         if hi <= lo:
             return b"" if self._ctype is ctypes.c_char else []
         items = (self._ctype * (hi - lo)).from_buffer_copy(self._read(lo * size, hi * size))
-        out = items[:][start - lo::step] if step > 0 else items[:][start - lo::step]
-        return out
+        return items[:][start - lo::step]     # lo..hi holds the span either way
 
     def __setitem__(self, index, value):
         start, stop, step, size = self._span(index)

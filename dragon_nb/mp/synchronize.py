@@ -15,21 +15,15 @@ from __future__ import annotations
 import threading
 import time
 
-from dragon_nb.mp.link import Shared
+from dragon_nb.mp.link import Shared, wait_timeout
 from dragon_nb.mp.objects import ACTION, BROKEN, OK
 
 import cloudpickle
 
 
-def _wait_timeout(block: bool, timeout):
-    if not block:
-        return 0
-    return None if timeout is None else max(0.0, timeout)
-
-
 class _Acquirable(Shared):
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
-        status, _ = self._call("acquire", timeout=_wait_timeout(block, timeout),
+        status, _ = self._call("acquire", timeout=wait_timeout(block, timeout),
                                undo=lambda _: self._send("release"))
         return status == OK
 
@@ -135,7 +129,7 @@ class Condition(Shared):
     def wait(self, timeout: float | None = None) -> bool:
         relocked = []                # the host gave the lock back before the interrupt
         try:
-            status, value = self._call("wait", timeout=_wait_timeout(True, timeout),
+            status, value = self._call("wait", timeout=wait_timeout(True, timeout),
                                        undo=relocked.append)
         except KeyboardInterrupt:
             if not relocked:         # as the stdlib's wait, which re-acquires in a finally
@@ -186,7 +180,7 @@ class Event(Shared):
         self._value("clear")
 
     def wait(self, timeout: float | None = None) -> bool:
-        status, value = self._call("wait", timeout=_wait_timeout(True, timeout))
+        status, value = self._call("wait", timeout=wait_timeout(True, timeout))
         return bool(value) if status == OK else False
 
     def __repr__(self):
@@ -217,7 +211,7 @@ class Barrier(Shared):
         self._action = state
 
     def wait(self, timeout: float | None = None) -> int:
-        status, index = self._call("wait", timeout=_wait_timeout(True, timeout))
+        status, index = self._call("wait", timeout=wait_timeout(True, timeout))
         if status == ACTION:
             try:
                 self._action()
