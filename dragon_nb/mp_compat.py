@@ -27,11 +27,14 @@ import multiprocessing.queues  # noqa: F401  (Dragon scripts annotate with mp.qu
 START_METHOD = "dragon"
 
 
-def _mp(module: str, name: str):
-    """A factory of ``dragon_nb.mp.<module>``, imported on first use."""
+def _mp(module: str, name: str, in_shm: str | None = None):
+    """A factory of ``dragon_nb.mp.<module>`` (or of ``<in_shm>`` when the runtime's
+    objects live in shared memory, see ``dragon_nb.mp.shm``), imported on first use."""
     def make(self, *args, **kwargs):
         import importlib
-        return getattr(importlib.import_module(f"dragon_nb.mp.{module}"), name)(*args, **kwargs)
+        from dragon_nb.mp import shm
+        where = in_shm if in_shm is not None and shm.enabled() else module
+        return getattr(importlib.import_module(f"dragon_nb.mp.{where}"), name)(*args, **kwargs)
     make.__name__ = name
     make.__doc__ = f"``multiprocessing.{name}`` on the dragon-nb runtime."
     return make
@@ -66,17 +69,17 @@ class DragonContext(mpctx.BaseContext):
     JoinableQueue = _mp("queues", "JoinableQueue")
     SimpleQueue = _mp("queues", "SimpleQueue")
     Pipe = _mp("connection", "Pipe")
-    Lock = _mp("synchronize", "Lock")
-    RLock = _mp("synchronize", "RLock")
-    Semaphore = _mp("synchronize", "Semaphore")
-    BoundedSemaphore = _mp("synchronize", "BoundedSemaphore")
-    Condition = _mp("synchronize", "Condition")
-    Event = _mp("synchronize", "Event")
-    Barrier = _mp("synchronize", "Barrier")
-    Value = _mp("sharedctypes", "Value")
-    Array = _mp("sharedctypes", "Array")
-    RawValue = _mp("sharedctypes", "RawValue")
-    RawArray = _mp("sharedctypes", "RawArray")
+    Lock = _mp("synchronize", "Lock", "shm_sync")
+    RLock = _mp("synchronize", "RLock", "shm_sync")
+    Semaphore = _mp("synchronize", "Semaphore", "shm_sync")
+    BoundedSemaphore = _mp("synchronize", "BoundedSemaphore", "shm_sync")
+    Condition = _mp("synchronize", "Condition", "shm_sync")
+    Event = _mp("synchronize", "Event", "shm_sync")
+    Barrier = _mp("synchronize", "Barrier", "shm_sync")
+    Value = _mp("sharedctypes", "Value", "shm_ctypes")
+    Array = _mp("sharedctypes", "Array", "shm_ctypes")
+    RawValue = _mp("sharedctypes", "RawValue", "shm_ctypes")
+    RawArray = _mp("sharedctypes", "RawArray", "shm_ctypes")
 
 
 # the names routed by start method: every factory of the context that dragon-nb has

@@ -128,9 +128,16 @@ def runtime_dirs() -> set:
     return set(glob.glob(os.path.join(base, f"dnb-{os.getuid()}-*")))
 
 
+def shm_files() -> set:
+    """This user's runtimes' named semaphores and segments in /dev/shm (their names
+    start with the runtime folder's name, see ``launch.shm_prefix``)."""
+    return set(glob.glob(f"/dev/shm/dnb-{os.getuid()}-*")
+               + glob.glob(f"/dev/shm/sem.dnb-{os.getuid()}-*"))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def nothing_left_behind():
-    dirs_before = runtime_dirs()
+    dirs_before, shm_before = runtime_dirs(), shm_files()
     yield
     dragon_nb.stop()
     alive = leftover_processes()
@@ -142,6 +149,8 @@ def nothing_left_behind():
         time.sleep(0.1)
     left = runtime_dirs() - dirs_before
     assert not left, f"runtime directories left behind: {left}"
+    shm_left = shm_files() - shm_before
+    assert not shm_left, f"shared memory left behind: {sorted(shm_left)[:10]}"
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import zmq
 
 from dragon_nb import mp_compat
 from dragon_nb.forwarding import ForwardedStream
-from dragon_nb.mp import object_hosts
+from dragon_nb.mp import link as mp_link, object_hosts
 from dragon_nb.runtime import client, launch, network
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S
@@ -118,6 +118,7 @@ def main(spec_bytes: bytes, ctx) -> int:
         import traceback
         traceback.print_exc()
     finally:
+        mp_link.release_all()
         client.stop()
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         link.bye(code)

@@ -9,12 +9,14 @@ when another request, or its deadline, completes it. User data (queue items,
 shared bytes) are opaque bytes here: the host never unpickles them.
 
 It lives as long as the runtime (its agent stops it); objects go when their
-last handle does (``MP_REFS``), or with it.
+last handle does (``MP_REFS``), or with it. Objects in shared memory
+(``shm.py``) are registered here too, and their kernel objects unlinked then.
 
 Entry point: ``main(spec, ctx)``, started by the agent.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -22,8 +24,9 @@ import time
 
 import zmq
 
+from dragon_nb.mp import shm
 from dragon_nb.mp.objects import Caller, ObjectTable
-from dragon_nb.runtime import liveness, network
+from dragon_nb.runtime import launch, liveness, network
 from dragon_nb.wire import protocol as P
 
 log = logging.getLogger("dragon_nb.mp.host")
@@ -42,7 +45,8 @@ class Host:
         self.zctx = zmq.Context()
         self.router = P.Channel(self.zctx.socket(zmq.ROUTER), ctx.network.codec(), routed=True)
         self.address = ctx.network.bind(self.router.sock, f"mp-objects-{os.getpid()}")
-        self.table = ObjectTable(alive=_alive)
+        prefix = launch.shm_prefix(ctx.network.rundir)
+        self.table = ObjectTable(alive=_alive, unlink=functools.partial(shm.unlink, prefix))
         self.dispatch = HANDLERS.bind(self)
         hub = P.Channel(self.zctx.socket(zmq.DEALER), ctx.network.codec())
         ctx.network.connect(hub.sock, hub_address)
@@ -110,6 +114,8 @@ class Host:
                          to=ident)
 
     def close(self):
+        for memory in self.table.memory():
+            self.table.unlink(memory.paths, memory.rings)
         self.router.close(linger=500)
         self.zctx.term()
 

@@ -189,6 +189,17 @@ class Link:
         except Exception:            # the host is gone: nothing to give back to
             orphans.pop((chan, rid), None)
 
+    def flush(self, host: HostRef) -> None:
+        """Until the host answered a request sent after what this thread sent it
+        before (for at most ``FLUSH_WAIT_S``)."""
+        chan, rid = self.channel(host.address), next(self.rids)
+        chan.send(P.REQ, {"op": P.Op.MP_STATS, "rid": rid})
+        deadline = time.monotonic() + FLUSH_WAIT_S
+        while time.monotonic() < deadline:
+            if chan.poll(50) and any(kind == P.REP and body.get("rid") == rid
+                                     for _, kind, body, _ in chan.drain()):
+                return
+
     def refs(self, host: HostRef, changes) -> None:
         """Tell a host of handles made, pickled, unpickled or collected (no answer)."""
         self.channel(host.address).send(P.EVT, {"op": P.Op.MP_REFS, "changes": changes})
@@ -238,14 +249,42 @@ _link_lock = threading.Lock()
 
 
 def link() -> Link:
+    """This process's Link: a new one after a fork, or once another runtime started."""
     global _link
     with _link_lock:
-        if _link is None or _link.pid != os.getpid():
+        net = network.current()
+        if _link is None or _link.pid != os.getpid() or (net is not None and net is not _link.net):
             _link = Link()
         return _link
 
 
-def _release(host: HostRef, oid: int, pid: int) -> None:
+_live: dict = {}                  # this process's handles: key -> their weakref.finalize
+_keys = itertools.count()
+FLUSH_WAIT_S = 2.0
+
+
+def release_all() -> None:
+    """At the end of a process of the runtime (which exits without atexit, as the
+    stdlib's children do): the hosts hear that its handles are gone, at once
+    and for sure (a request answered after them), so objects it was given go
+    when their last handle elsewhere does, not when the runtime stops."""
+    changes: dict = {}
+    for key in list(_live):
+        finalizer = _live.pop(key, None)
+        got = finalizer.detach() if finalizer is not None else None
+        if got is not None and got[2][2] == os.getpid():
+            host, oid = got[2][0], got[2][1]
+            changes.setdefault(host, []).append((oid, "release"))
+    for host, released in changes.items():
+        try:
+            link().refs(host, released)
+            link().flush(host)
+        except Exception:        # the host is gone: so are its objects
+            pass
+
+
+def _release(host: HostRef, oid: int, pid: int, key: int) -> None:
+    _live.pop(key, None)
     if os.getpid() != pid:
         return
     try:
@@ -275,7 +314,8 @@ class Shared:
         self._track()
 
     def _track(self) -> None:
-        weakref.finalize(self, _release, self._host, self._oid, os.getpid())
+        key = next(_keys)
+        _live[key] = weakref.finalize(self, _release, self._host, self._oid, os.getpid(), key)
 
     def _call(self, method: str, *args, timeout=None, undo=None) -> tuple:
         """-> (status, value); an error or a removed object raises."""

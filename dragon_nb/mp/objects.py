@@ -482,7 +482,25 @@ class Buffer(_Shared):
         return ok(call)
 
 
-KINDS = {cls.kind: cls for cls in (Queue, Lock, Semaphore, Condition, Event, Barrier, Buffer)}
+class Memory(_Shared):
+    """The kernel objects of an object that lives in shared memory (``shm.py``):
+    named semaphores and segments under /dev/shm. The table counts its handles
+    like any other's; when it goes, ``table.unlink(paths, rings)`` removes them."""
+    kind = "shm"
+
+    def setup(self, paths: list = (), rings: list = ()):
+        if not all(isinstance(p, str) for p in (*paths, *rings)):
+            raise ValueError(f"shm: paths and rings are names, not {paths!r}, {rings!r}")
+        self.paths, self.rings = list(paths), list(rings)
+        return {}
+
+    def on_remove(self):
+        self.table.unlink(self.paths, self.rings)
+        return []
+
+
+KINDS = {cls.kind: cls for cls in (Queue, Lock, Semaphore, Condition, Event, Barrier, Buffer,
+                                   Memory)}
 
 
 # -- the table ------------------------------------------------------------------------------
@@ -495,8 +513,9 @@ class _Deadline(NamedTuple):
 class ObjectTable:
     """All the objects of one host, and every call parked on them."""
 
-    def __init__(self, alive: Callable = lambda proc: None, clock: Callable = time.monotonic):
-        self.alive, self.clock = alive, clock
+    def __init__(self, alive: Callable = lambda proc: None, clock: Callable = time.monotonic,
+                 unlink: Callable = lambda paths, rings: None):
+        self.alive, self.clock, self.unlink = alive, clock, unlink
         self.objects: dict[int, _Shared] = {}
         self.parked: dict[object, Waiter] = {}
         self.deadlines: list[_Deadline] = []      # a heap; entries of unparked waiters stay
@@ -633,6 +652,10 @@ class ObjectTable:
         for line in obj.lines:
             dones += obj.answer_all(line, GONE, why)
         return dones + obj.on_remove()
+
+    def memory(self) -> list:
+        """The shared-memory objects still here (their kernel objects go with the host)."""
+        return [obj for obj in self.objects.values() if isinstance(obj, Memory)]
 
     def stats(self) -> dict:
         return {"objects": len(self.objects),

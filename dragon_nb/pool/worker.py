@@ -368,6 +368,9 @@ def main(spec_bytes: bytes, ctx) -> int:
     finally:
         try:
             worker.flush()
+            handles = sys.modules.get("dragon_nb.mp.link")
+            if handles is not None:          # tasks had queues, locks or values
+                handles.release_all()
         finally:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
             worker.close()

@@ -46,8 +46,33 @@ def make_runtime_dir() -> str:
     return path
 
 
+SHM_DIR = "/dev/shm"
+
+
+def shm_prefix(rundir: str) -> str:
+    """What the names of a runtime's shared-memory objects start with (segments
+    ``/dev/shm/<prefix>*``, semaphores ``/dev/shm/sem.<prefix>*``): its folder's name."""
+    return os.path.basename(os.path.abspath(rundir)) + "-"
+
+
+def shm_files(rundir: str) -> list[str]:
+    prefix = shm_prefix(rundir)
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    return [os.path.join(SHM_DIR, n) for n in names
+            if n.startswith(prefix) or n.startswith("sem." + prefix)]
+
+
 def remove_runtime_dir(path: str) -> None:
+    """The runtime's folder, and whatever its processes left in shared memory."""
     shutil.rmtree(path, ignore_errors=True)
+    for leftover in shm_files(path):
+        try:
+            os.unlink(leftover)
+        except OSError:
+            pass
 
 
 def python_command(module: str, *args: str) -> list[str]:
