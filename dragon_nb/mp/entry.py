@@ -22,6 +22,8 @@ import zmq
 from dragon_nb import mp_compat
 from dragon_nb.forwarding import ForwardedStream
 from dragon_nb.mp import link as mp_link, object_hosts
+from dragon_nb.mp import process as _process  # noqa: F401  (unpickling needs it: loaded once,
+#                                                in the agent that forks this, not per child)
 from dragon_nb.runtime import client, launch, network
 from dragon_nb.wire import protocol as P
 from dragon_nb.wire import serialization as S

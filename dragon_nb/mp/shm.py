@@ -112,7 +112,6 @@ def segment_open(name: str, what: str) -> mmap.mmap:
 def unlink(prefix: str, paths, rings) -> None:
     """In the host: remove an object's kernel objects. Only names of this runtime
     under /dev/shm are touched, whatever a request says."""
-    from dragon_nb.mp.shm_ring import Ring
     for path in paths:
         base = os.path.basename(path)
         if os.path.dirname(path) != launch.SHM_DIR or \
@@ -124,6 +123,7 @@ def unlink(prefix: str, paths, rings) -> None:
             pass
     for ring in rings:
         if ring.startswith(prefix) and "/" not in ring:
+            from dragon_nb.mp.shm_ring import Ring
             Ring.unlink(ring)
 
 

@@ -96,11 +96,13 @@ _O_GW = 112
 _O_PW = 120
 _O_JW = 128
 _HOT = struct.Struct("<8q")
+_HOT9 = struct.Struct("<9q")        # holder + the hot fields, read in one go
 _Q = struct.Struct("<q")
 _pack_q = _Q.pack_into
 _unpack_q = _Q.unpack_from
 _pack_hot = _HOT.pack_into
 _unpack_hot = _HOT.unpack_from
+_unpack_hot9 = _HOT9.unpack_from
 
 _monotonic = time.monotonic
 _ident = _thread.get_ident
@@ -231,7 +233,7 @@ class Ring:
     processes of one host. See the module docstring."""
 
     __slots__ = ("name", "capacity", "maxsize", "_mm", "_macq", "_mrel", "_mutex",
-                 "_gh", "_ph", "_jh", "_gen", "_hgen", "_lim", "_inline_max", "_rescued",
+                 "_gh", "_ph", "_jh", "_gen", "_hgen", "_lim", "_inline_max", "_rescued", "_fast",
                  "__weakref__")
 
     # ---------------------------------------------------------------- setup
@@ -312,6 +314,8 @@ class Ring:
         self._macq = self._mutex.acquire
         self._mrel = self._mutex.release
         self._mm = mm
+        # what put/get need, in one attribute load
+        self._fast = (mm, cap, cap - _RESERVE, maxsize, self._macq, self._mrel)
         self._hgen = self._gen = _P.gen
 
     def _revalidate(self):
@@ -339,7 +343,7 @@ class Ring:
                 return
             self._mm = None
             self._gen = -1
-            self._macq = self._mrel = None
+            self._macq = self._mrel = self._fast = None
             self._mutex = self._gh = self._ph = self._jh = None
             mm.close()
             _P.rings -= 1
@@ -489,21 +493,20 @@ class Ring:
                 n = -len(big)
             rec_len = -n if n < 0 else n
             need = 8 + ((rec_len + 7) & -8)
-            mm = self._mm
-            cap = self.capacity
-            lim = self._lim
-            maxsize = self.maxsize
+            mm, cap, lim, maxsize, macq, mrel = self._fast
             while True:
                 gated = False
                 if main and not _P.held and (_getsig(_SIGINT) is _on_sigint or _install()):
                     _P.held = gated = True
                 try:
-                    if not self._macq(False):
+                    if not macq(False):
                         self._lock_slow(gated)
-                    _pack_q(mm, _O_HOLDER, _P.pid)
                     wake_g = wake_p = False
                     try:
-                        count, used, head, tail, unf, gw, pw, jw = _unpack_hot(mm, _O_HOT)
+                        holder, count, used, head, tail, unf, gw, pw, jw = \
+                            _unpack_hot9(mm, _O_HOLDER)
+                        if holder != _P.pid:
+                            _pack_q(mm, _O_HOLDER, _P.pid)
                         if (maxsize == 0 or count < maxsize) and lim - used >= need:
                             if gated and _P.pending is not None:
                                 continue        # Ctrl-C first: nothing written (finally)
@@ -541,7 +544,7 @@ class Ring:
                                 _pack_q(mm, _O_PW, pw + 1)
                                 registered = True
                     finally:
-                        self._mrel()
+                        mrel()
                     if wake_g:
                         _post(self._gh)
                     if wake_p:
@@ -621,11 +624,8 @@ class Ring:
         if timeout is not None:
             _timeout(timeout)
         main = _ident() == _P.main
-        mm = self._mm
-        cap = self.capacity
-        lim = self._lim
-        maxsize = self.maxsize
-        half = cap // 2
+        mm, cap, lim, maxsize, macq, mrel = self._fast
+        half = cap >> 1
         registered = False
         deadline = None
         try:
@@ -634,12 +634,14 @@ class Ring:
                 if main and not _P.held and (_getsig(_SIGINT) is _on_sigint or _install()):
                     _P.held = gated = True
                 try:
-                    if not self._macq(False):
+                    if not macq(False):
                         self._lock_slow(gated)
-                    _pack_q(mm, _O_HOLDER, _P.pid)
                     wake_g = wake_p = False
                     try:
-                        count, used, head, tail, unf, gw, pw, jw = _unpack_hot(mm, _O_HOT)
+                        holder, count, used, head, tail, unf, gw, pw, jw = \
+                            _unpack_hot9(mm, _O_HOLDER)
+                        if holder != _P.pid:
+                            _pack_q(mm, _O_HOLDER, _P.pid)
                         if count:
                             if gated and _P.pending is not None:
                                 continue        # Ctrl-C first: the record stays (finally)
@@ -678,7 +680,7 @@ class Ring:
                                 _pack_q(mm, _O_GW, gw + 1)
                                 registered = True
                     finally:
-                        self._mrel()
+                        mrel()
                     if took:
                         if wake_p:
                             _post(self._ph)
