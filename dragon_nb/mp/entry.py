@@ -113,6 +113,7 @@ def main(spec_bytes: bytes, ctx) -> int:
     try:
         process, _ = S.loads_with_source(spec["process"],
                                          lambda p: getattr(p, "_target", None))
+        mp_link.settle()
         process.node = ctx.node              # current_process().node, as in a Pool worker
         sentinel = link.parent_sentinel(process._parent_pid, spec["parent_space"])
         code = process._bootstrap(parent_sentinel=sentinel)

@@ -283,6 +283,23 @@ def release_all() -> None:
             pass
 
 
+def settle() -> None:
+    """Until the hosts of this process's handles have heard of them all (an
+    adoption is sent without waiting for an answer): a Process runs its target
+    with its handles counted and its connections to their hosts made, the same
+    in every child (CPython's suite counts a child's descriptors)."""
+    hosts = {}
+    for finalizer in list(_live.values()):
+        got = finalizer.peek()
+        if got is not None and got[2][2] == os.getpid():
+            hosts[got[2][0].address] = got[2][0]
+    for host in hosts.values():
+        try:
+            link().flush(host)
+        except Exception:        # a host that is gone says so at the handle's first use
+            pass
+
+
 def _release(host: HostRef, oid: int, pid: int, key: int) -> None:
     _live.pop(key, None)
     if os.getpid() != pid:
