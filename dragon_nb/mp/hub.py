@@ -39,6 +39,7 @@ _dropped = P.DropLog(log)
 
 HANDLERS = P.Handlers("process hub")   # child or object host -> hub: handler(body)
 LIVENESS_POLL_S = 0.5                  # how often the thread looks at the runtime itself
+MAX_FINISHED = 4096
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Early:
     """What arrived for a (node, pid) before its spawn returned."""
     output: list = field(default_factory=list)
     bye: bool = False
+    bye_code: int | None = None
     exit: tuple | None = None           # (code, why)
 
 
@@ -76,6 +78,7 @@ class Hub:
         self.lock = threading.Lock()
         self.children: dict[tuple, Child] = {}
         self.early: dict[tuple, Early] = {}
+        self.finished: dict[tuple, None] = {}   # finished at their bye, exit event to come
         self.bound: dict[tuple, dict] = {}      # (node, pid) of an object host -> its BOUND
         self.bound_changed = threading.Condition(self.lock)
         self.running = True
@@ -117,6 +120,8 @@ class Hub:
         child.bye = early.bye
         if early.exit is not None:
             self.exited(key, *early.exit)
+        elif early.bye_code is not None:
+            self.exited(key, early.bye_code, finished_by_bye=True)
 
     def wait_bound(self, key: tuple, timeout: float = HOST_START_S) -> dict:
         """The BOUND message of the object host ``key``; raises if it does not come."""
@@ -213,15 +218,21 @@ class Hub:
 
     @HANDLERS.on(P.MP_BYE)
     def on_bye(self, body):
-        key = (body["node"], body["pid"])
+        """The child's last word, after its at-exit work, with the code it exits with:
+        it is finished now (joined) rather than once its agent reaped it and the
+        head said so, ~3 ms later; only the kernel's tearing down is left."""
+        key, code = (body["node"], body["pid"]), body.get("code")
         with self.lock:
             child = self.children.get(key)
             if child is None:
-                self.early.setdefault(key, Early()).bye = True
+                early = self.early.setdefault(key, Early())
+                early.bye, early.bye_code = True, code
                 return
             child.bye = True
             if child.finish_by is not None:
                 child.finish_by = time.monotonic()
+        if code is not None and child.exit_code is None:
+            self.exited(key, code, finished_by_bye=True)
 
     @HANDLERS.on(P.BOUND)
     def on_bound(self, body):
@@ -229,9 +240,12 @@ class Hub:
             self.bound[(body["node"], body["pid"])] = body
             self.bound_changed.notify_all()
 
-    def exited(self, key, code, why=None):
+    def exited(self, key, code, why=None, finished_by_bye=False):
         with self.lock:
             child = self.children.get(key)
+            if child is None and not finished_by_bye and key in self.finished:
+                del self.finished[key]           # the exit event of one its bye finished
+                return
             if child is None:
                 self.early.setdefault(key, Early()).exit = (code, why)
                 self.bound_changed.notify_all()
@@ -239,6 +253,10 @@ class Hub:
             if code is None:                     # lost with its node
                 code, why = -signal.SIGKILL, why or "its node was lost"
             child.exit_code, child.exit_why = code, why
+            if finished_by_bye:
+                self.finished[key] = None
+                while len(self.finished) > MAX_FINISHED:     # events that never came
+                    del self.finished[next(iter(self.finished))]
             # killed: nothing more will come; exited by itself: its bye may be on its way
             child.finish_by = time.monotonic() + (BYE_GRACE_S if code >= 0 and not child.bye
                                                   else 0.0)
