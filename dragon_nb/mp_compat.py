@@ -65,9 +65,9 @@ class DragonContext(mpctx.BaseContext):
         """The stdlib's manager, its server forked on this host."""
         return mpctx._concrete_contexts["fork"].Manager()
 
-    Queue = _mp("queues", "Queue")
-    JoinableQueue = _mp("queues", "JoinableQueue")
-    SimpleQueue = _mp("queues", "SimpleQueue")
+    Queue = _mp("queues", "Queue", "shm_queues")
+    JoinableQueue = _mp("queues", "JoinableQueue", "shm_queues")
+    SimpleQueue = _mp("queues", "SimpleQueue", "shm_queues")
     Pipe = _mp("connection", "Pipe")
     Lock = _mp("synchronize", "Lock", "shm_sync")
     RLock = _mp("synchronize", "RLock", "shm_sync")

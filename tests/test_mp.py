@@ -167,7 +167,8 @@ def produce(q, count, status):
 
 
 def make_a_queue_here_then_wait(back, go):
-    q = multiprocessing.Queue()
+    from dragon_nb.mp.queues import Queue     # in this node's host even on one host:
+    q = Queue()                               # one in shared memory outlives its node
     q.put("held on this node")
     back.put(q)
     go.wait(60)
@@ -799,7 +800,8 @@ def test_a_lost_node_ends_its_processes_with_minus_9_and_its_objects_raise_namin
     """Node 1's agent killed (-9) while a Process sleeps there holding a queue in node
     1's object host: join returns, exit code -9; a get already waiting on that queue,
     and the next put, raise ObjectHostLostError naming node 1 within seconds; what
-    lives on node 0 works on."""
+    lives on node 0 works on. (A queue in shared memory is not in a node: it outlives
+    one, see test_mp_shm.py.)"""
     back, go = multiprocessing.Queue(), multiprocessing.Event()
     sleeper = DRAGON.Process(target=make_a_queue_here_then_wait, args=(back, go), node=1)
     sleeper.start()

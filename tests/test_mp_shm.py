@@ -1,5 +1,5 @@
-"""On one host, the "dragon" context's locks, semaphores and shared values are
-kernel objects in shared memory (``dragon_nb/mp/shm.py``), registered with an
+"""On one host, the "dragon" context's queues, locks, semaphores and shared values
+are kernel objects in shared memory (``dragon_nb/mp/shm.py``), registered with an
 object host that removes them with their last handle; over TCP they stay in
 the hosts. CPython's suite runs against both (test_cpython_mp*.py); these are
 the properties of the shared-memory kind itself.
@@ -10,11 +10,14 @@ import ctypes
 import gc
 import multiprocessing
 import os
+import signal
+import threading
 
 import pytest
 
 import dragon_nb
-from dragon_nb.mp import sharedctypes, shm, shm_ctypes, shm_sync, synchronize
+from dragon_nb.mp import queues, sharedctypes, shm, shm_ctypes, shm_queues, shm_sync, synchronize
+from dragon_nb.mp.shm_ring import Ring
 
 from conftest import wait_until
 
@@ -55,7 +58,7 @@ def test_on_one_host_locks_and_values_are_kernel_objects_in_shared_memory(rt):
     assert type(value) is ctypes.c_double and value.value == 2.5   # a ctypes object, as the stdlib's
     for path in kernel_files(lock) + kernel_files(value):
         assert os.path.exists(path)
-        assert os.path.basename(path).lstrip("sem.").startswith(
+        assert os.path.basename(path).removeprefix("sem.").startswith(
             os.path.basename(rt.rundir)), "named after the runtime's folder"
 
 
@@ -100,15 +103,47 @@ def test_a_semaphore_released_past_its_bound_raises_as_the_stdlibs(rt):
         sem.release()
 
 
-def test_a_runtime_over_tcp_keeps_its_objects_in_the_hosts():
-    dragon_nb.stop()
-    try:
-        with dragon_nb.start(nodes=1, listen="127.0.0.1"):
-            assert not shm.enabled()
-            assert type(DRAGON.Lock()) is synchronize.Lock
-            assert isinstance(DRAGON.Value("i", 1), sharedctypes.SynchronizedValue)
-    finally:
-        dragon_nb.stop()
+# -- queues ------------------------------------------------------------------------------
+
+def echo_once(inbox, outbox):
+    outbox.put(inbox.get(timeout=30))
+
+
+def make_a_queue_then_wait(back, go):
+    q = DRAGON.Queue()
+    q.put("made on node 1")
+    back.put(q)
+    go.wait(60)
+
+
+def test_on_one_host_a_queue_is_a_ring_in_shared_memory_gone_with_its_last_handle(rt):
+    inbox, outbox = DRAGON.Queue(), DRAGON.JoinableQueue(2)
+    assert isinstance(inbox, shm_queues.Queue) and isinstance(outbox, shm_queues.JoinableQueue)
+    assert isinstance(DRAGON.SimpleQueue(), shm_queues.SimpleQueue)
+    files = Ring.files(inbox._name)
+    assert files and all(os.path.basename(f).removeprefix("sem.").startswith(
+        os.path.basename(rt.rundir)) for f in files), "named after the runtime's folder"
+    p = DRAGON.Process(target=echo_once, args=(inbox, outbox), node=1)
+    p.start()
+    inbox.put(b"x" * (3 << 20))                # bigger than the ring: a file of its own
+    assert outbox.get(timeout=30) == b"x" * (3 << 20)
+    outbox.task_done()
+    outbox.join()
+    p.join(30)
+    assert p.exitcode == 0
+    del inbox
+    gc.collect()
+    wait_until(lambda: not any(os.path.exists(f) for f in files), 10,
+               "the host removing the queue's ring")
+
+
+def test_an_item_that_cannot_be_pickled_raises_in_put_and_the_queue_is_unharmed(rt):
+    q = DRAGON.Queue()
+    with pytest.raises(TypeError, match="lock"):
+        q.put(threading.Lock())
+    assert q.empty() and q.qsize() == 0
+    q.put(lambda: "defined here, sent by value")
+    assert q.get(timeout=10)() == "defined here, sent by value"
 
 
 def test_a_plain_ctypes_object_of_a_shared_type_still_pickles_by_value(rt):
@@ -117,3 +152,33 @@ def test_a_plain_ctypes_object_of_a_shared_type_still_pickles_by_value(rt):
     assert pickle.loads(pickle.dumps(ctypes.c_int(7))).value == 7
     assert isinstance(shm_ctypes.synchronized(DRAGON.RawValue("i", 3), DRAGON.RLock()).value,
                       int)
+
+
+def test_a_runtime_over_tcp_keeps_its_objects_in_the_hosts():
+    dragon_nb.stop()
+    try:
+        with dragon_nb.start(nodes=1, listen="127.0.0.1"):
+            assert not shm.enabled()
+            assert type(DRAGON.Lock()) is synchronize.Lock
+            assert type(DRAGON.Queue()) is queues.Queue
+            assert isinstance(DRAGON.Value("i", 1), sharedctypes.SynchronizedValue)
+    finally:
+        dragon_nb.stop()
+
+
+def test_a_queue_in_shared_memory_outlives_the_node_that_made_it_and_goes_with_the_runtime():
+    dragon_nb.stop()
+    with dragon_nb.start(nodes=2) as runtime:
+        back, go = DRAGON.Queue(), DRAGON.Event()
+        p = DRAGON.Process(target=make_a_queue_then_wait, args=(back, go), node=1)
+        p.start()
+        made = back.get(timeout=30)
+        files = Ring.files(made._name)
+        agent = next(n["agent_pid"] for n in runtime.nodes(refresh=True) if n["id"] == 1)
+        os.kill(agent, signal.SIGKILL)
+        p.join(15)
+        assert p.exitcode == -signal.SIGKILL
+        assert made.get(timeout=10) == "made on node 1"      # the memory is the host's
+        made.put("still here")
+        assert made.get(timeout=10) == "still here"
+    assert files and not any(os.path.exists(f) for f in files), "swept with the runtime"
