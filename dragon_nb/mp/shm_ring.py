@@ -464,6 +464,61 @@ class Ring:
         """Append ``data`` (bytes-like). Waits for room (count < maxsize and, for
         an in-line record, ring bytes) up to ``timeout`` seconds (None: as long
         as needed, 0: not at all), then raises queue.Full."""
+        # Fast path: bytes that go in line and fit now; one section, no wait.
+        # Anything else (no room, big, not bytes, forked, closed): _put_wait.
+        if type(data) is bytes and self._gen == _P.gen:
+            n = len(data)
+            if n <= self._inline_max:
+                mm, cap, lim, maxsize, macq, mrel = self._fast
+                need = 8 + ((n + 7) & -8)
+                gated = done = False
+                if _ident() == _P.main and not _P.held and \
+                        (_getsig(_SIGINT) is _on_sigint or _install()):
+                    _P.held = gated = True
+                try:
+                    if not macq(False):
+                        self._lock_slow(gated)
+                    try:
+                        holder, count, used, head, tail, unf, gw, pw, jw = \
+                            _unpack_hot9(mm, _O_HOLDER)
+                        if holder != _P.pid:
+                            _pack_q(mm, _O_HOLDER, _P.pid)
+                        if (maxsize == 0 or count < maxsize) and lim - used >= need and \
+                                not (gated and _P.pending is not None):
+                            _pack_q(mm, _DATA + tail, n)
+                            p = tail + 8
+                            end = p + n
+                            if end <= cap:
+                                mm[_DATA + p:_DATA + end] = data
+                            else:
+                                k = cap - p
+                                mm[_DATA + p:_DATA + cap] = data[:k]
+                                mm[_DATA:_DATA + n - k] = data[k:]
+                            tail += need
+                            if tail >= cap:
+                                tail -= cap
+                            count += 1
+                            used += need
+                            _pack_hot(mm, _O_HOT, count, used, head, tail, unf + 1, gw, pw, jw)
+                            done = True
+                    finally:
+                        mrel()
+                    if done and (gw or pw):
+                        if gw:
+                            _post(self._gh)
+                        if pw and (maxsize == 0 or count < maxsize) and lim - used >= need:
+                            _post(self._ph)
+                finally:
+                    if gated:
+                        _P.held = False
+                        if _P.pending is not None:
+                            _fire()
+                if done:
+                    return
+        self._put_wait(data, timeout)
+
+    def _put_wait(self, data, timeout):
+        """put() in general: out-of-line items, any bytes-like, waiting for room."""
         if self._gen != _P.gen:
             self._revalidate()
         if type(data) is not bytes:
@@ -617,6 +672,64 @@ class Ring:
     def get(self, timeout: float | None = None) -> bytes:
         """Take the oldest record: exactly the bytes put. Waits up to ``timeout``
         seconds (None: as long as needed, 0: not at all), then raises queue.Empty."""
+        # Fast path: a record is there; one section, no wait. Else _get_wait.
+        if self._gen == _P.gen:
+            mm, cap, lim, maxsize, macq, mrel = self._fast
+            gated = got = False
+            if _ident() == _P.main and not _P.held and \
+                    (_getsig(_SIGINT) is _on_sigint or _install()):
+                _P.held = gated = True
+            try:
+                if not macq(False):
+                    self._lock_slow(gated)
+                try:
+                    holder, count, used, head, tail, unf, gw, pw, jw = \
+                        _unpack_hot9(mm, _O_HOLDER)
+                    if holder != _P.pid:
+                        _pack_q(mm, _O_HOLDER, _P.pid)
+                    if count and not (gated and _P.pending is not None):
+                        n = _unpack_q(mm, _DATA + head)[0]
+                        rec_len = -n if n < 0 else n
+                        p = head + 8
+                        end = p + rec_len
+                        if end <= cap:
+                            data = mm[_DATA + p:_DATA + end]
+                        else:
+                            data = mm[_DATA + p:_DATA + cap] + mm[_DATA:_DATA + end - cap]
+                        need = 8 + ((rec_len + 7) & -8)
+                        head += need
+                        if head >= cap:
+                            head -= cap
+                        count -= 1
+                        used -= need
+                        _pack_hot(mm, _O_HOT, count, used, head, tail, unf, gw, pw, jw)
+                        got = True
+                finally:
+                    mrel()
+                if got:
+                    if pw and lim - used >= cap >> 1 and \
+                            (maxsize == 0 or maxsize - count >= (maxsize + 1) // 2):
+                        _post(self._ph)          # putters: once half the room is back
+                    if gw and count:
+                        _post(self._gh)
+                    if n < 0:
+                        data = self._read_big(data)
+            finally:
+                if gated:
+                    if got and _P.pending is not None:
+                        # Ctrl-C after the record was taken: put it back first.
+                        got = False
+                        self._unget(data)
+                    _P.held = False
+                    if _P.pending is not None:
+                        _fire()
+            # From here to the return no call is made: the bytes reach the caller.
+            if got:
+                return data
+        return self._get_wait(timeout)
+
+    def _get_wait(self, timeout):
+        """get() in general: waiting for a record, rescued records, reopening."""
         if self._gen != _P.gen:
             self._revalidate()
             if self._rescued:
