@@ -1,14 +1,18 @@
 """multiprocessing benchmark: the "dragon" start method's queues, processes and
 locks against the stdlib's "fork" context, side by side in one run.
 
-    python benchmarks/bench_mp.py [--quick] [--rounds N] [--json PATH]
+    python benchmarks/bench_mp.py [--quick] [--hosted] [--rounds N] [--json PATH]
 
-A full run also writes benchmarks/results/mp.json (see common.py).
+A full run also writes benchmarks/results/mp.json (see common.py), or
+mp-hosted.json with ``--hosted``.
 
 dragon-nb runs on ``dragon_nb.start(nodes=2)`` with
 ``multiprocessing.get_context("dragon")``; where two processes talk, one is
 placed on node 0 and the other on node 1 (``Process(..., node=N)``). Its
-objects are made by this script, so they live in the object host of node 0.
+objects are made by this script: on one host they are kernel objects in
+shared memory (dragon_nb/mp/shm.py), registered with node 0's object host;
+with ``--hosted`` (``DRAGON_NB_MP_SHM=0``, what a runtime over TCP does) they
+live in node 0's object host and every operation is a request to it.
 The stdlib side uses ``multiprocessing.get_context("fork")`` and runs in a
 helper process forked before the runtime starts, so its forks copy no zmq
 threads and it forks from a small parent, as a plain script would. Measured:
@@ -59,13 +63,14 @@ CASE_TIMEOUT_S = 300.0  # the longest one measurement may take, start to results
 
 # name -> (label, unit, issue's target ratio, count for dragon-nb, for the stdlib)
 CASES = {
-    "queue_64B":      ("Queue one way, 64 B", "msgs/s", 1.0, 1500, 20000),
-    "queue_pingpong": ("Queue ping-pong, 64 B", "round trips/s", 1.0, 500, 2500),
-    "queue_1MiB":     ("Queue one way, 1 MiB", "MiB/s", 1.5, 100, 400),
+    "queue_64B":      ("Queue one way, 64 B", "msgs/s", 1.0, 40000, 20000),
+    "queue_pingpong": ("Queue ping-pong, 64 B", "round trips/s", 1.0, 5000, 2500),
+    "queue_1MiB":     ("Queue one way, 1 MiB", "MiB/s", 1.5, 800, 400),
     "process_seq":    ("Process start+join, one at a time", "procs/s", 0.5, 60, 200),
     "process_batch8": ("Process start+join, batches of 8", "procs/s", 0.5, 64, 240),
-    "lock":           ("Lock acquire+release, uncontended", "ops/s", 0.5, 1200, 2000000),
+    "lock":           ("Lock acquire+release, uncontended", "ops/s", 0.5, 2000000, 2000000),
 }
+HOSTED_COUNTS = {"queue_64B": 1500, "queue_pingpong": 500, "queue_1MiB": 100, "lock": 1200}
 QUICK_DIVISOR = 10
 
 
@@ -317,13 +322,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="one round of a tenth of the counts, a smoke run (writes no results)")
+    ap.add_argument("--hosted", action="store_true",
+                    help="objects in node 0's object host, not in shared memory")
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default 5; quick 1)")
     ap.add_argument("--json", metavar="PATH", help="also write the numbers to PATH")
     args = ap.parse_args(argv)
 
     rounds = args.rounds or (1 if args.quick else 5)
     div = QUICK_DIVISOR if args.quick else 1
-    counts = {case: {"dragon-nb": max(1, c[3] // div), "stdlib": max(1, c[4] // div)}
+    ours = {case: c[3] for case, c in CASES.items()}
+    if args.hosted:
+        os.environ["DRAGON_NB_MP_SHM"] = "0"
+        ours.update(HOSTED_COUNTS)
+    counts = {case: {"dragon-nb": max(1, ours[case] // div), "stdlib": max(1, c[4] // div)}
               for case, c in CASES.items()}
     counts["process_batch8"] = {side: max(BATCH, n - n % BATCH)
                                 for side, n in counts["process_batch8"].items()}
@@ -346,14 +357,15 @@ def main(argv=None) -> int:
     for line in left:
         print(f"  left: {line}")
 
-    save_results("mp", {"machine": {"cores": os.cpu_count(),
+    save_results("mp-hosted" if args.hosted else "mp", {"machine": {"cores": os.cpu_count(),
                                     "python": platform.python_version(),
                                     "platform": platform.platform(),
                                     "loadavg": [load_start[0], load_end[0]],
                                     "loadavg_start": load_start, "loadavg_end": load_end},
                         "config": {"nodes": NODES, "rounds": rounds, "quick": args.quick,
                                    "counts": counts, "placement": "producer node 0, consumer"
-                                   " node 1; objects in node 0's host"},
+                                   " node 1; objects " + ("in node 0's host" if args.hosted
+                                                          else "in shared memory")},
                         "targets": {case: c[2] for case, c in CASES.items()},
                         "cases": res, "leftover_processes": left}, args.json, args.quick)
     return 1 if left else 0
