@@ -3,7 +3,9 @@
 It knows nothing of pools or dictionaries: the head asks it to run ``count``
 copies of an entry point (``"package.module:function"``) with an opaque spec,
 and it forks them from itself (the entry modules are imported once, before
-any fork, so a new worker costs a fork, not an interpreter start). It reports
+any fork, so a new worker costs a fork, not an interpreter start; the modules
+an entry module names in ``WARM_AT_FIRST_SPAWN`` are imported at its first
+spawn, so only the nodes that use them pay for them, once). It reports
 exits, and a few times a second publishes the node's figures: processes, CPU,
 RSS and the counters its children keep in shared memory.
 
@@ -86,6 +88,7 @@ class Agent:
         self.retired_at: dict[str, float] = {}  # owner -> when its last child exited
         self.folded = [0] * len(FIELDS)         # running totals of owners long gone
         self.recent_exits: collections.deque = collections.deque(maxlen=256)  # (pid, code)
+        self.warmed: set[str] = set()           # entry modules whose WARM_AT_FIRST_SPAWN is in
         self.lifeline_fd = args.lifeline_fd
         self.pid = os.getpid()
         # wake the poll loop on SIGCHLD
@@ -112,6 +115,10 @@ class Agent:
         module = str(body["entry"]).partition(":")[0]
         if not module.startswith(ENTRY_PACKAGE):   # never "builtins:exec" and the like
             raise ValueError(f"{body['entry']!r} is not an entry point of dragon-nb")
+        if module not in self.warmed:
+            for name in getattr(importlib.import_module(module), "WARM_AT_FIRST_SPAWN", ()):
+                importlib.import_module(name)
+            self.warmed.add(module)
         pids = []
         try:
             for index in range(int(body["count"])):
