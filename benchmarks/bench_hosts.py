@@ -9,7 +9,11 @@ Measures, in one run:
   workers on the same work;
 * per-task overhead: tiny tasks through two workers on the other hosts (signed
   TCP) against two workers of a runtime on one host (ipc), as microseconds per
-  task and their ratio (the goal: within 2x).
+  task and their ratio (the goal: within 2x);
+* bench_mp.py's figures across hosts: queues between a process on h2 and one on
+  h3 (the queues in the object host of h1, the caller's node: over TCP objects
+  live in the hosts), Process start+join round-robin over the three hosts, a
+  lock of h1's host taken from h1; beside the stdlib's fork on h1, as ratios.
 
     sudo python benchmarks/bench_hosts.py [--quick] [--json PATH]
 
@@ -31,6 +35,12 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "hosts"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from common import save_results  # noqa: E402
+
+# bench_mp's cases across hosts: case -> (count for dragon-nb, for the stdlib); fewer than
+# on one host, every operation being a signed TCP round trip to an object host
+MP_COUNTS = {"queue_64B": (1000, 20000), "queue_pingpong": (300, 2500),
+             "queue_1MiB": (40, 400), "process_seq": (30, 200),
+             "process_batch8": (32, 240), "lock": (600, 2000000)}
 
 
 def spin(n: int) -> int:
@@ -54,11 +64,41 @@ def best_rate(run, items: int, repeat: int) -> float:
     return best
 
 
+def mp_across_hosts(stdlib, nodes: tuple, quick: bool, repeat: int) -> dict:
+    """bench_mp's cases on the running TCP runtime, processes on ``nodes``, and the
+    stdlib's in ``stdlib`` (a bench_mp.StdlibSide), alternating: {case: figures}."""
+    import statistics
+
+    import bench_mp
+    ctx = multiprocessing.get_context("dragon")
+    out = {}
+    for case, counts in MP_COUNTS.items():
+        ours, theirs = (max(1, c // (5 if quick else 1)) for c in counts)
+        if case == "process_batch8":
+            ours, theirs = (max(8, n - n % 8) for n in (ours, theirs))
+        samples = {"dragon-nb": [], "stdlib": []}
+        for _ in range(repeat):
+            samples["dragon-nb"].append(bench_mp.measure(case, ctx, nodes, ours)["rate"])
+            samples["stdlib"].append(stdlib.measure(case, theirs)["rate"])
+        label, unit, target = bench_mp.CASES[case][:3]
+        med = {side: statistics.median(v) for side, v in samples.items()}
+        out[case] = {"label": label, "unit": unit, "target": target, "counts": [ours, theirs],
+                     "median": med, "samples": samples,
+                     "ratio": med["dragon-nb"] / med["stdlib"]}
+    return out
+
+
 def driver(quick: bool) -> dict:
     """Runs on host h1 (inside its namespace): every figure from one runtime."""
+    import cloudpickle
+
+    import bench_mp
     import dragon_nb
     from dragon_nb import Pool
     from dragon_nb.native.machine import Node, System
+
+    cloudpickle.register_pickle_by_value(bench_mp)   # the other hosts cannot import it
+    stdlib_mp = bench_mp.StdlibSide()                # forked before any runtime thread
 
     cpu_items, cpu_us = (200, 2000) if quick else (600, 5000)
     tiny = 20_000 if quick else 100_000
@@ -97,6 +137,10 @@ def driver(quick: bool) -> dict:
             curve[k] = best_rate(lambda: p.map(spin, [cpu_us] * cpu_items, chunksize=1),
                                  cpu_items, repeat)
     out["dragon_nb_cpu_tasks_per_s"] = curve
+    try:
+        out["mp"] = mp_across_hosts(stdlib_mp, (ids["h2"], ids["h3"]), quick, repeat)
+    finally:
+        stdlib_mp.stop()
     dragon_nb.stop()
 
     stdlib = {}
@@ -127,6 +171,14 @@ def report(r: dict) -> None:
     one, across = r["one_host_mib_per_s"], r["across_hosts_mib_per_s"]
     print(f"\n1 MiB values to two workers and back: one host {one:,.0f} MiB/s, across "
           f"hosts (encrypted, signed) {across:,.0f} MiB/s ({across / one:.2f}x)")
+    print("\nmultiprocessing across hosts (processes on h2 and h3, objects in h1's host; "
+          "stdlib: fork on h1):")
+    print("| case | unit | dragon-nb | stdlib (fork) | dragon-nb/stdlib |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for fig in r["mp"].values():
+        ours, theirs = fig["median"]["dragon-nb"], fig["median"]["stdlib"]
+        print(f"| {fig['label']} | {fig['unit']} | {ours:,.1f} | {theirs:,.0f} | "
+              f"{fig['ratio']:.2g}x |")
 
 
 def main() -> int:
@@ -145,7 +197,7 @@ def main() -> int:
         return 0
     with netns.NamespaceHosts(["h1", "h2", "h3"]) as hosts:
         env = dict(os.environ, DNB_LISTEN=hosts.address["h1"], DNB_LAUNCHER=hosts.launcher,
-                   PYTHONPATH=os.path.join(HERE, ".."))
+                   PYTHONPATH=os.pathsep.join([os.path.join(HERE, ".."), HERE]))
         proc = subprocess.run(hosts.on("h1", [sys.executable, os.path.abspath(__file__),
                                               "--driver", *(["--quick"] if args.quick else [])]),
                               env=env, capture_output=True, text=True, timeout=900)

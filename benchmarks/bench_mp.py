@@ -202,22 +202,19 @@ def lock(ctx, nodes, n) -> float:
     return time.perf_counter() - t0
 
 
+MEASURES = {         # case -> how to time it with n messages/round trips/processes/ops
+    "queue_64B": lambda ctx, nodes, n: one_way(ctx, nodes, n, SMALL),
+    "queue_pingpong": ping_pong,
+    "queue_1MiB": lambda ctx, nodes, n: one_way(ctx, nodes, n, MIB),   # msgs/s is MiB/s
+    "process_seq": lambda ctx, nodes, n: processes(ctx, nodes, n, 1),
+    "process_batch8": lambda ctx, nodes, n: processes(ctx, nodes, n, BATCH),  # n % BATCH == 0
+    "lock": lock,
+}
+
+
 def measure(case: str, ctx, nodes, n: int) -> dict:
     """One measurement of ``case`` with ``n`` messages/round trips/processes/ops."""
-    if case == "queue_64B":
-        s = one_way(ctx, nodes, n, SMALL)
-    elif case == "queue_pingpong":
-        s = ping_pong(ctx, nodes, n)
-    elif case == "queue_1MiB":          # one MiB a message: messages/s is MiB/s
-        s = one_way(ctx, nodes, n, MIB)
-    elif case == "process_seq":
-        s = processes(ctx, nodes, n, 1)
-    elif case == "process_batch8":
-        s = processes(ctx, nodes, n, BATCH)     # n: a multiple of BATCH
-    elif case == "lock":
-        s = lock(ctx, nodes, n)
-    else:
-        raise ValueError(case)
+    s = MEASURES[case](ctx, nodes, n)
     return {"count": n, "seconds": s, "rate": n / s}
 
 

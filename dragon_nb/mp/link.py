@@ -290,9 +290,12 @@ def settle() -> None:
     in every child (CPython's suite counts a child's descriptors)."""
     hosts = {}
     for finalizer in list(_live.values()):
-        got = finalizer.peek()
-        if got is not None and got[2][2] == os.getpid():
-            hosts[got[2][0].address] = got[2][0]
+        alive = finalizer.peek()             # (handle, _release, its arguments, {})
+        if alive is None:
+            continue
+        host, _oid, pid, _key = alive[2]
+        if pid == os.getpid():
+            hosts[host.address] = host
     for host in hosts.values():
         try:
             link().flush(host)
