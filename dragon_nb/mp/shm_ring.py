@@ -25,32 +25,38 @@ Why it is built this way
 * **Records** are an 8-byte length then the payload, 8-byte aligned, in a byte
   ring that wraps (a payload may be split in two slice copies at the end).
   A record above ``capacity // 4`` goes *out of line*: the putter writes it to
-  its own file ``/dev/shm/<name>-x<hex>`` (no mutex held, no ring bytes
-  needed), the ring holds a small marker naming it, and the getter reads and
-  unlinks the file. An item bigger than the ring works, and big items never
-  wait for ring bytes.
+  its own file ``/dev/shm/<name>+<hex>`` (no mutex held; ``+`` is in no ring
+  name, so no other ring's file looks like one of these), the ring holds a
+  24-byte marker naming it, and the getter reads and unlinks the file. An
+  item bigger than the ring works, and a big item waits for no more ring
+  bytes than its marker's. ``full()`` means not even an empty record fits.
 * **Ctrl-C never loses or duplicates a record.** Taking or writing a record
   and updating the header is one *section* during which the Python-level
-  SIGINT handler is deferred: the main thread installs (once, chaining to the
-  handler it finds) a handler that, while a section is open, only notes the
-  signal; the note is acted on when the section ends. A get that sees a noted
-  signal before committing leaves the record in the ring; one noted after
-  committing pushes the record back at the head before raising. After a get's
-  section ends no call is made before ``return``, so the bytes reach the
-  caller. ``signal.pthread_sigmask`` was measured and rejected: 3.4 + 1.8 us
-  per block/unblock pair here (more than a whole put), and a main thread that
-  blocks SIGINT still gets KeyboardInterrupt when another thread of the process
-  receives the signal (Python runs handlers in the main thread whoever
-  received it). Waits are outside sections, so they stay interruptible; the
-  handler is restored when the process's last ring is closed.
+  SIGINT handler is deferred (``shm_gate.py``: why a handler and not a signal
+  mask). A get that sees a noted signal before committing leaves the record
+  in the ring; one noted after committing pushes the record back at the head
+  before raising. After a get's section ends no call is made before
+  ``return`` (CPython 3.11 runs signal handlers only on entering a function,
+  after a call into C and at backward jumps), so the bytes reach the caller.
+  A put that sees a noted signal before its commit writes nothing; one whose signal is noted after the commit (a few
+  microseconds: the mutex release, the wake-ups) raises KeyboardInterrupt with
+  its record in the ring, once: a put cannot take back what a getter may
+  already have, and a signal cannot be deferred past a call's return. Waits
+  are outside sections, so they stay interruptible; the handler is given
+  back when the process's last ring is closed.
 * **A holder killed by SIGKILL** cannot hang the others: the mutex is taken
-  with timeouts; after 1 s without it the holder pid in the header is looked
-  at, and a dead (or zombie) holder raises RuntimeError naming it.
+  with timeouts, and its holder writes its pid into the header after taking
+  it and 0 before giving it back. After 1 s without the mutex a waiter looks
+  at that pid: a dead (or zombie) holder raises RuntimeError naming it; 0 (a
+  holder between taking and writing) is waited for. A process killed in that
+  instant is therefore not detected, and its ring hangs.
 * **fork**: a child notices (``os.register_at_fork``) and reopens by name.
 
-Measured on this machine (2 vCPU AMD EPYC VM, Python 3.11.7; see the report
-for load): one process, put + get of 64 B: ~{SINGLE} pairs/s; two processes,
-20,000 records of 64 B: {TWO64}; 1 MiB records: {TWO1M}.
+Measured on this machine (2 vCPU AMD EPYC VM, shared and noisy, Python 3.11.7,
+load average 0.5-0.9; medians of 21 runs in three sets, set medians in
+brackets): one process, put + get of 64 B: ~290,000 pairs/s (244k-366k); two
+processes, 20,000 records of 64 B: ~200,000 records/s (193k-231k); 1 MiB
+records between two processes: ~1,580 MiB/s (1,473-1,627).
 """
 from __future__ import annotations
 
@@ -62,8 +68,10 @@ import os
 import queue
 import re
 import struct
-import threading
 import time
+
+from dragon_nb.mp.shm_gate import fire as _fire, install as _install, \
+    on_sigint as _on_sigint, proc as _P, uninstall as _uninstall
 
 __all__ = ["Ring"]
 
@@ -82,102 +90,31 @@ _SLICE = 0.05              # longest wait on a hint before looking at the header
 _MUTEX_SLICE = 0.02        # longest wait on the mutex between looks at pending Ctrl-C
 _BROKEN_AFTER = 1.0        # mutex not had for this long: is its holder alive?
 _SPIN = 40                 # non-blocking tries of a contended mutex before sleeping on it
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,200}\Z")
-_XFILE_RE = re.compile(r"-x[0-9a-f]+\Z")
+# Not "." or "..", and not "sem.*", which could be another ring's semaphore.
+_NAME_RE = re.compile(r"(?!\.\.?\Z)(?!sem\.)[A-Za-z0-9._-]{1,200}\Z")
+# A ring's own files: "<name>+<hex>" ('+' is in no name, so no other ring's).
+_XFILE_RE = re.compile(r"\+[0-9a-f]+\Z")
 _SEM_LETTERS = "mgpj"      # mutex, getters' hint, putters' hint, joiners' hint
 
 # Segment header. Fixed part, written once by create():
 _META = struct.Struct("<8sqqqqq")   # magic, version, capacity, maxsize, data offset, reserve
 # Hot part, under the mutex. Offsets:
-_O_HOLDER = 64      # pid of the last process that took the mutex
+_O_HOLDER = 64      # pid of the process holding the mutex, 0 when it is free
 _O_HOT = 72         # count, used, head, tail, unfinished, getters/putters/joiners waiting
 _O_UNF = 104
 _O_GW = 112
 _O_PW = 120
 _O_JW = 128
 _HOT = struct.Struct("<8q")
-_HOT9 = struct.Struct("<9q")        # holder + the hot fields, read in one go
 _Q = struct.Struct("<q")
 _pack_q = _Q.pack_into
 _unpack_q = _Q.unpack_from
 _pack_hot = _HOT.pack_into
 _unpack_hot = _HOT.unpack_from
-_unpack_hot9 = _HOT9.unpack_from
 
 _monotonic = time.monotonic
 _ident = _thread.get_ident
 _getsig = _signal.getsignal
-
-
-# --------------------------------------------------------------------------
-# Per-process state and the SIGINT deferral ("gate")
-
-class _Proc:
-    __slots__ = ("held", "pending", "chained", "main", "gen", "pid", "lock", "rings")
-
-
-_P = _Proc()
-_P.held = False        # the main thread is in a section: SIGINT handling deferred
-_P.pending = None      # (signum, frame) noted while held
-_P.chained = None      # the handler found when ours was installed
-_P.main = threading.main_thread().ident
-_P.gen = 0             # fork generation
-_P.pid = os.getpid()
-_P.lock = threading.Lock()
-_P.rings = 0           # open Ring objects of this process
-
-
-def _on_sigint(signum, frame):
-    """The SIGINT handler while rings are open: runs the chained handler now,
-    or after the current section if one is open."""
-    p = _P
-    if p.held:
-        p.pending = (signum, frame)
-        return
-    h = p.chained
-    if callable(h):
-        h(signum, frame)
-
-
-def _fire():
-    """Run the chained handler for a SIGINT noted during a section."""
-    p = _P
-    pend, p.pending = p.pending, None
-    h = p.chained
-    if pend is not None and callable(h):
-        h(*pend)
-
-
-def _install() -> bool:
-    """Put _on_sigint in front of the current SIGINT handler (main thread).
-    False if that handler is not a Python callable (SIG_IGN, SIG_DFL, C)."""
-    h = _getsig(_SIGINT)
-    if h is _on_sigint:
-        return True
-    if not callable(h):
-        return False
-    _P.chained = h
-    _signal.signal(_SIGINT, _on_sigint)
-    return True
-
-
-def _uninstall():
-    if (_ident() == _P.main and not _P.held and _getsig(_SIGINT) is _on_sigint
-            and callable(_P.chained)):
-        _signal.signal(_SIGINT, _P.chained)
-
-
-def _after_fork():
-    p = _P
-    p.held = False
-    p.pending = None
-    p.main = _ident()
-    p.gen += 1
-    p.pid = os.getpid()
-    p.lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork)
 
 
 def _alive(pid: int) -> bool:
@@ -212,7 +149,8 @@ def _flat(data):
 
 def _check_name(name):
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(f"bad ring name {name!r}: 1-200 of [A-Za-z0-9._-], no slash")
+        raise ValueError(f"bad ring name {name!r}: 1-200 of [A-Za-z0-9._-], "
+                         "not '.', '..' or 'sem.*'")
 
 
 def _timeout(timeout):
@@ -257,7 +195,7 @@ class Ring:
             # The segment is built under a temporary name and published whole
             # with link(), so open() never sees it half made.
             path = f"{_SHM}/{name}"
-            tmp = f"{path}-x{os.urandom(8).hex()}"
+            tmp = f"{path}+{os.urandom(8).hex()}"
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             try:
                 os.ftruncate(fd, _DATA + cap)
@@ -356,7 +294,7 @@ class Ring:
         """The paths under /dev/shm that belong to ring ``name``."""
         _check_name(name)
         sems = {f"sem.{name}-{c}" for c in _SEM_LETTERS}
-        prefix = name + "-x"
+        prefix = name + "+"
         out = []
         try:
             entries = os.listdir(_SHM)
@@ -427,6 +365,7 @@ class Ring:
             try:
                 return fn(mm, *args)
             finally:
+                _pack_q(mm, _O_HOLDER, 0)
                 self._mrel()
         finally:
             if gated:
@@ -449,7 +388,7 @@ class Ring:
             (count, used, head, tail, unf, gw, pw, jw) = _unpack_hot(mm, _O_HOT)
             return {"count": count, "used": used, "head": head, "tail": tail,
                     "unfinished": unf, "getters_waiting": gw, "putters_waiting": pw,
-                    "joiners_waiting": jw, "holder": _unpack_q(mm, _O_HOLDER)[0],
+                    "joiners_waiting": jw,
                     "capacity": self.capacity, "maxsize": self.maxsize}
         return self._section(read)
 
@@ -479,10 +418,8 @@ class Ring:
                     if not macq(False):
                         self._lock_slow(gated)
                     try:
-                        holder, count, used, head, tail, unf, gw, pw, jw = \
-                            _unpack_hot9(mm, _O_HOLDER)
-                        if holder != _P.pid:
-                            _pack_q(mm, _O_HOLDER, _P.pid)
+                        _pack_q(mm, _O_HOLDER, _P.pid)
+                        count, used, head, tail, unf, gw, pw, jw = _unpack_hot(mm, _O_HOT)
                         if (maxsize == 0 or count < maxsize) and lim - used >= need and \
                                 not (gated and _P.pending is not None):
                             _pack_q(mm, _DATA + tail, n)
@@ -502,6 +439,7 @@ class Ring:
                             _pack_hot(mm, _O_HOT, count, used, head, tail, unf + 1, gw, pw, jw)
                             done = True
                     finally:
+                        _pack_q(mm, _O_HOLDER, 0)
                         mrel()
                     if done and (gw or pw):
                         if gw:
@@ -558,23 +496,12 @@ class Ring:
                         self._lock_slow(gated)
                     wake_g = wake_p = False
                     try:
-                        holder, count, used, head, tail, unf, gw, pw, jw = \
-                            _unpack_hot9(mm, _O_HOLDER)
-                        if holder != _P.pid:
-                            _pack_q(mm, _O_HOLDER, _P.pid)
+                        _pack_q(mm, _O_HOLDER, _P.pid)
+                        count, used, head, tail, unf, gw, pw, jw = _unpack_hot(mm, _O_HOT)
                         if (maxsize == 0 or count < maxsize) and lim - used >= need:
                             if gated and _P.pending is not None:
                                 continue        # Ctrl-C first: nothing written (finally)
-                            _pack_q(mm, _DATA + tail, n)
-                            p = tail + 8
-                            end = p + rec_len
-                            if end <= cap:
-                                mm[_DATA + p:_DATA + end] = data
-                            else:
-                                k = cap - p
-                                mv = memoryview(data)
-                                mm[_DATA + p:_DATA + cap] = mv[:k]
-                                mm[_DATA:_DATA + rec_len - k] = mv[k:]
+                            _write_record(mm, cap, tail, n, data)
                             tail += need
                             if tail >= cap:
                                 tail -= cap
@@ -599,6 +526,7 @@ class Ring:
                                 _pack_q(mm, _O_PW, pw + 1)
                                 registered = True
                     finally:
+                        _pack_q(mm, _O_HOLDER, 0)
                         mrel()
                     if wake_g:
                         _post(self._gh)
@@ -621,7 +549,7 @@ class Ring:
                 self._unlink_big(big)
 
     def _big_path(self, suffix: bytes) -> str:
-        return f"{_SHM}/{self.name}-x{suffix.decode()}"
+        return f"{_SHM}/{self.name}+{suffix.decode()}"
 
     def _write_big(self, data) -> bytes:
         while True:
@@ -683,10 +611,8 @@ class Ring:
                 if not macq(False):
                     self._lock_slow(gated)
                 try:
-                    holder, count, used, head, tail, unf, gw, pw, jw = \
-                        _unpack_hot9(mm, _O_HOLDER)
-                    if holder != _P.pid:
-                        _pack_q(mm, _O_HOLDER, _P.pid)
+                    _pack_q(mm, _O_HOLDER, _P.pid)
+                    count, used, head, tail, unf, gw, pw, jw = _unpack_hot(mm, _O_HOT)
                     if count and not (gated and _P.pending is not None):
                         n = _unpack_q(mm, _DATA + head)[0]
                         rec_len = -n if n < 0 else n
@@ -705,6 +631,7 @@ class Ring:
                         _pack_hot(mm, _O_HOT, count, used, head, tail, unf, gw, pw, jw)
                         got = True
                 finally:
+                    _pack_q(mm, _O_HOLDER, 0)
                     mrel()
                 if got:
                     if pw and lim - used >= cap >> 1 and \
@@ -751,23 +678,12 @@ class Ring:
                         self._lock_slow(gated)
                     wake_g = wake_p = False
                     try:
-                        holder, count, used, head, tail, unf, gw, pw, jw = \
-                            _unpack_hot9(mm, _O_HOLDER)
-                        if holder != _P.pid:
-                            _pack_q(mm, _O_HOLDER, _P.pid)
+                        _pack_q(mm, _O_HOLDER, _P.pid)
+                        count, used, head, tail, unf, gw, pw, jw = _unpack_hot(mm, _O_HOT)
                         if count:
                             if gated and _P.pending is not None:
                                 continue        # Ctrl-C first: the record stays (finally)
-                            n = _unpack_q(mm, _DATA + head)[0]
-                            rec_len = -n if n < 0 else n
-                            p = head + 8
-                            end = p + rec_len
-                            if end <= cap:
-                                data = mm[_DATA + p:_DATA + end]
-                            else:
-                                data = mm[_DATA + p:_DATA + cap] + \
-                                    mm[_DATA:_DATA + end - cap]
-                            need = 8 + ((rec_len + 7) & -8)
+                            n, data, need = _read_record(mm, cap, head)
                             head += need
                             if head >= cap:
                                 head -= cap
@@ -793,6 +709,7 @@ class Ring:
                                 _pack_q(mm, _O_GW, gw + 1)
                                 registered = True
                     finally:
+                        _pack_q(mm, _O_HOLDER, 0)
                         mrel()
                     if took:
                         if wake_p:
@@ -850,18 +767,10 @@ class Ring:
             head -= need
             if head < 0:
                 head += cap
-            _pack_q(mm, _DATA + head, n)
-            p = head + 8
-            end = p + rec_len
-            mv = memoryview(rec)
-            if end <= cap:
-                mm[_DATA + p:_DATA + end] = mv
-            else:
-                k = cap - p
-                mm[_DATA + p:_DATA + cap] = mv[:k]
-                mm[_DATA:_DATA + rec_len - k] = mv[k:]
+            _write_record(mm, cap, head, n, rec)
             _pack_hot(mm, _O_HOT, count + 1, used + need, head, tail, unf, gw, pw, jw)
         finally:
+            _pack_q(mm, _O_HOLDER, 0)
             self._mrel()
         if gw:
             _post(self._gh)
@@ -931,6 +840,34 @@ class Ring:
             count, used = _unpack_hot(mm, _O_HOT)[:2]
             return (self.maxsize > 0 and count >= self.maxsize) or self._lim - used < 8
         return self._section(look)
+
+
+def _write_record(mm, cap, at, n, payload):
+    """Write a record at ring offset ``at``: its length field ``n`` (negative:
+    ``payload`` names an out-of-line file) and ``payload``, split at the end."""
+    _pack_q(mm, _DATA + at, n)
+    p = at + 8
+    end = p + len(payload)
+    if end <= cap:
+        mm[_DATA + p:_DATA + end] = payload
+    else:
+        k = cap - p
+        mv = memoryview(payload)
+        mm[_DATA + p:_DATA + cap] = mv[:k]
+        mm[_DATA:_DATA + end - cap] = mv[k:]
+
+
+def _read_record(mm, cap, at):
+    """The record at ring offset ``at``: (length field, payload, ring bytes)."""
+    n = _unpack_q(mm, _DATA + at)[0]
+    rec_len = -n if n < 0 else n
+    p = at + 8
+    end = p + rec_len
+    if end <= cap:
+        data = mm[_DATA + p:_DATA + end]
+    else:
+        data = mm[_DATA + p:_DATA + cap] + mm[_DATA:_DATA + end - cap]
+    return n, data, 8 + ((rec_len + 7) & -8)
 
 
 def _sem_unlink(name):
