@@ -614,6 +614,7 @@ class Ring:
                     _pack_q(mm, _O_HOLDER, _P.pid)
                     count, used, head, tail, unf, gw, pw, jw = _unpack_hot(mm, _O_HOT)
                     if count and not (gated and _P.pending is not None):
+                        # _read_record, inlined: this path runs once per small get
                         n = _unpack_q(mm, _DATA + head)[0]
                         rec_len = -n if n < 0 else n
                         p = head + 8
