@@ -626,6 +626,34 @@ def test_ctrl_c_interrupts_a_blocked_get_which_then_takes_nothing(rings):
     assert r.get(timeout=0) == b"after"
 
 
+def test_a_ctrl_c_while_get_decodes_puts_the_record_back(rings):
+    """get(decode=...) decodes inside the gate: a Ctrl-C that lands while the
+    record is decoded (where Python would run the handler after a C call such
+    as pickle.loads) raises KeyboardInterrupt and leaves the record first in
+    the ring; an error of decode's own consumes it, as the stdlib's get does."""
+    r = rings.new()
+    r.put(b"one")
+    r.put(b"two")
+    decoded = []
+
+    def decode_and_interrupt(data: bytes) -> str:
+        decoded.append(data)
+        os.kill(os.getpid(), signal.SIGINT)
+        return data.decode()
+
+    with pytest.raises(KeyboardInterrupt):
+        r.get(timeout=0, decode=decode_and_interrupt)
+    assert decoded == [b"one"] and r.qsize() == 2
+    assert r.get(timeout=0, decode=bytes.decode) == "one"
+
+    def broken(data: bytes):
+        raise ValueError(f"cannot decode {data!r}")
+
+    with pytest.raises(ValueError, match="cannot decode b'two'"):
+        r.get(timeout=0, decode=broken)
+    assert r.empty()
+
+
 def test_ctrl_c_interrupts_a_blocked_put_which_then_puts_nothing(rings):
     r = rings.new(maxsize=1)
     r.put(b"first")

@@ -92,7 +92,7 @@ class Queue(_RingHandle):
 
     def get(self, block: bool = True, timeout: float | None = None):
         self._check_closed()
-        return _loads(self._ring.get(wait_timeout(block, timeout)))
+        return self._ring.get(wait_timeout(block, timeout), _loads)
 
     def put_nowait(self, obj) -> None:
         return self.put(obj, False)
@@ -159,7 +159,7 @@ class SimpleQueue(_RingHandle):
 
     def get(self):
         self._check()
-        return _loads(self._ring.get())
+        return self._ring.get(None, _loads)
 
     def empty(self) -> bool:
         return self._ring.empty()

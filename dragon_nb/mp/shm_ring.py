@@ -597,9 +597,15 @@ class Ring:
 
     # ---------------------------------------------------------------- get
 
-    def get(self, timeout: float | None = None) -> bytes:
+    def get(self, timeout: float | None = None, decode=None):
         """Take the oldest record: exactly the bytes put. Waits up to ``timeout``
-        seconds (None: as long as needed, 0: not at all), then raises queue.Empty."""
+        seconds (None: as long as needed, 0: not at all), then raises queue.Empty.
+
+        ``decode`` (bytes -> object), if given, runs inside the SIGINT gate and its
+        result is returned instead: a Ctrl-C while it runs puts the record back, so
+        none lands between the take and the caller having the object (a C call such
+        as pickle.loads is where Python would run a pending handler). An error from
+        ``decode`` itself consumes the record, as the stdlib's get does."""
         # Fast path: a record is there; one section, no wait. Else _get_wait.
         if self._gen == _P.gen:
             mm, cap, lim, maxsize, macq, mrel = self._fast
@@ -642,6 +648,13 @@ class Ring:
                         _post(self._gh)
                     if n < 0:
                         data = self._read_big(data)
+                    out = data
+                    if decode is not None:
+                        try:
+                            out = decode(data)
+                        except BaseException:
+                            got = False
+                            raise
             finally:
                 if gated:
                     if got and _P.pending is not None:
@@ -653,15 +666,16 @@ class Ring:
                         _fire()
             # From here to the return no call is made: the bytes reach the caller.
             if got:
-                return data
-        return self._get_wait(timeout)
+                return out
+        return self._get_wait(timeout, decode)
 
-    def _get_wait(self, timeout):
+    def _get_wait(self, timeout, decode):
         """get() in general: waiting for a record, rescued records, reopening."""
         if self._gen != _P.gen:
             self._revalidate()
             if self._rescued:
-                return self._take_rescued()
+                data = self._take_rescued()
+                return data if decode is None else decode(data)
         if timeout is not None:
             _timeout(timeout)
         main = _ident() == _P.main
@@ -719,6 +733,9 @@ class Ring:
                             _post(self._gh)
                         if n < 0:
                             data = self._read_big(data)
+                        out = data
+                        if decode is not None:
+                            out = decode(data)      # an error: the record is consumed
                         got = True
                 finally:
                     if gated:
@@ -731,7 +748,7 @@ class Ring:
                             _fire()
                 # From here to the return no call is made: the bytes reach the caller.
                 if got:
-                    return data
+                    return out
                 wait = _SLICE if deadline is None else min(_SLICE, deadline - _monotonic())
                 if wait > 0:
                     self._gh.acquire(True, wait)
