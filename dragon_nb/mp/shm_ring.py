@@ -38,12 +38,16 @@ Why it is built this way
   before raising. After a get's section ends no call is made before
   ``return`` (CPython 3.11 runs signal handlers only on entering a function,
   after a call into C and at backward jumps), so the bytes reach the caller.
-  A put that sees a noted signal before its commit writes nothing; one whose signal is noted after the commit (a few
-  microseconds: the mutex release, the wake-ups) raises KeyboardInterrupt with
-  its record in the ring, once: a put cannot take back what a getter may
-  already have, and a signal cannot be deferred past a call's return. Waits
-  are outside sections, so they stay interruptible; the handler is given
-  back when the process's last ring is closed.
+  For that reason a get's ``decode`` (``shm_queues`` passes ``pickle.loads``)
+  runs inside the section: a handler would run right after that C call, with
+  the record taken and no object yet returned (CI lost one item that way).
+  A put that sees a noted signal before its commit writes nothing; one whose
+  signal is noted after the commit (a few microseconds: the mutex release,
+  the wake-ups) raises KeyboardInterrupt with its record in the ring, once: a
+  put cannot take back what a getter may already have, and a signal cannot be
+  deferred past a call's return. Waits are outside sections, so they stay
+  interruptible; the handler is given back when the process's last ring is
+  closed.
 * **A holder killed by SIGKILL** cannot hang the others: the mutex is taken
   with timeouts, and its holder writes its pid into the header after taking
   it and 0 before giving it back. After 1 s without the mutex a waiter looks
