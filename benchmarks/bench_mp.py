@@ -2,6 +2,7 @@
 locks against the stdlib's "fork" context, side by side in one run.
 
     python benchmarks/bench_mp.py [--quick] [--hosted] [--rounds N] [--json PATH]
+                                  [--cases process_seq,process_batch8,...]
 
 A full run also writes benchmarks/results/mp.json (see common.py), or
 mp-hosted.json with ``--hosted``.
@@ -323,7 +324,13 @@ def main(argv=None) -> int:
                     help="objects in node 0's object host, not in shared memory")
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default 5; quick 1)")
     ap.add_argument("--json", metavar="PATH", help="also write the numbers to PATH")
+    ap.add_argument("--cases", metavar="A,B", help="only these cases (of: " + ", ".join(CASES)
+                    + "); like --quick, writes no results file but --json's")
     args = ap.parse_args(argv)
+    chosen = args.cases.split(",") if args.cases else list(CASES)
+    unknown = [c for c in chosen if c not in CASES]
+    if unknown:
+        ap.error(f"no such case: {', '.join(unknown)} (cases: {', '.join(CASES)})")
 
     rounds = args.rounds or (1 if args.quick else 5)
     div = QUICK_DIVISOR if args.quick else 1
@@ -332,9 +339,10 @@ def main(argv=None) -> int:
         os.environ["DRAGON_NB_MP_SHM"] = "0"
         ours.update(HOSTED_COUNTS)
     counts = {case: {"dragon-nb": max(1, ours[case] // div), "stdlib": max(1, c[4] // div)}
-              for case, c in CASES.items()}
-    counts["process_batch8"] = {side: max(BATCH, n - n % BATCH)
-                                for side, n in counts["process_batch8"].items()}
+              for case, c in CASES.items() if case in chosen}
+    if "process_batch8" in counts:
+        counts["process_batch8"] = {side: max(BATCH, n - n % BATCH)
+                                    for side, n in counts["process_batch8"].items()}
 
     load_start = os.getloadavg()
     print(f"{NODES} virtual nodes; {os.cpu_count()} cores; Python {platform.python_version()};"
@@ -363,8 +371,9 @@ def main(argv=None) -> int:
                                    "counts": counts, "placement": "producer node 0, consumer"
                                    " node 1; objects " + ("in node 0's host" if args.hosted
                                                           else "in shared memory")},
-                        "targets": {case: c[2] for case, c in CASES.items()},
-                        "cases": res, "leftover_processes": left}, args.json, args.quick)
+                        "targets": {case: c[2] for case, c in CASES.items() if case in counts},
+                        "cases": res, "leftover_processes": left}, args.json,
+                 args.quick or args.cases is not None)
     return 1 if left else 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import sys
 import threading
 
@@ -21,7 +22,7 @@ import zmq
 
 from dragon_nb import mp_compat
 from dragon_nb.forwarding import ForwardedStream
-from dragon_nb.mp import link as mp_link, object_hosts
+from dragon_nb.mp import link as mp_link, local_link, object_hosts
 from dragon_nb.mp import process as _process  # noqa: F401  (unpickling needs it: loaded once,
 #                                                in the agent that forks this, not per child)
 from dragon_nb.runtime import client, launch, network
@@ -41,15 +42,19 @@ BYE_LINGER_MS = 2000          # the last prints and the bye get this long to lea
 
 
 class ParentLink:
-    """The DEALER to the parent's hub, shared by this process's threads."""
+    """This process's link to its parent's hub, shared by its threads: a Unix
+    socket when the hub can be reached by one (``local_link``), else a DEALER."""
 
-    def __init__(self, address: str, ctx):
+    def __init__(self, address: str, local, ctx):
         self.node, self.pid = ctx.node, os.getpid()
-        self.zctx = zmq.Context()
-        self.chan = P.Channel(self.zctx.socket(zmq.DEALER), ctx.network.codec())
-        ctx.network.connect(self.chan.sock, address)
         self.lock = threading.Lock()
         self.pending: dict[str, list] = {"stdout": [], "stderr": []}
+        self.local = local_link.Sender.connect(local)
+        self.zctx = self.chan = None
+        if self.local is None:
+            self.zctx = zmq.Context()
+            self.chan = P.Channel(self.zctx.socket(zmq.DEALER), ctx.network.codec())
+            ctx.network.connect(self.chan.sock, address)
 
     def write(self, stream: str, text: str) -> None:
         with self.lock:
@@ -65,36 +70,57 @@ class ParentLink:
     def _flush(self, stream: str) -> None:
         if self.pending[stream]:
             text, self.pending[stream] = "".join(self.pending[stream]), []
-            self.chan.send(P.MP_OUTPUT, {"node": self.node, "pid": self.pid,
-                                         "stream": stream, "text": text})
+            body = {"node": self.node, "pid": self.pid, "stream": stream, "text": text}
+            if self.local is not None:
+                self.local.send_output(body)
+            else:
+                self.chan.send(P.MP_OUTPUT, body)
 
     def parent_sentinel(self, parent_pid: int, parent_space: str) -> int:
         """A descriptor that becomes readable when the parent ends: a pidfd when it
         runs in this pid space; else the end of a pipe closed once its hub's
-        connection drops (a monitor of the DEALER)."""
+        connection drops (its Unix socket hangs up, or a monitor of its DEALER says
+        it disconnected)."""
         if parent_space == network.pid_space():
             try:
                 return os.pidfd_open(parent_pid)
             except (OSError, AttributeError):     # gone already, or an old kernel
                 pass
         r, w = os.pipe()
-        monitor = self.chan.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        if self.local is not None:
+            hangup = self.local.sock.fileno()
+
+            def wait_dropped():
+                poller = select.poll()
+                poller.register(hangup, select.POLLRDHUP)
+                poller.poll()
+        else:
+            monitor = self.chan.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+            def wait_dropped():
+                try:
+                    monitor.recv_multipart()
+                except zmq.ZMQError:
+                    pass
+                finally:
+                    monitor.close(linger=0)
 
         def watch():
             try:
-                monitor.recv_multipart()
-            except zmq.ZMQError:
-                pass
+                wait_dropped()
             finally:
                 os.close(w)
-                monitor.close(linger=0)
         threading.Thread(target=watch, name="dragon-nb parent watch", daemon=True).start()
         return r
 
     def bye(self, code: int) -> None:
         self.flush()
+        body = {"node": self.node, "pid": self.pid, "code": code}
         with self.lock:
-            self.chan.send(P.MP_BYE, {"node": self.node, "pid": self.pid, "code": code})
+            if self.local is not None:
+                self.local.last(P.MP_BYE, body, timeout=BYE_LINGER_MS / 1000)
+                return
+            self.chan.send(P.MP_BYE, body)
             self.chan.close(linger=BYE_LINGER_MS)
         self.zctx.term()
 
@@ -115,7 +141,7 @@ def main(spec_bytes: bytes, ctx) -> int:
     client.attach_here(ctx.head, ctx.network)
     object_hosts.adopt(spec["hosts"], ctx.node)
     mp_compat.select_here()
-    link = ParentLink(spec["hub"], ctx)
+    link = ParentLink(spec["hub"], spec.get("hub_local"), ctx)
     sys.stdout, sys.stderr = _Flushing(link, "stdout"), _Flushing(link, "stderr")
     code = 1
     try:

@@ -30,6 +30,7 @@ import zmq
 
 from dragon_nb.errors import RuntimeRequestError
 from dragon_nb.forwarding import emit
+from dragon_nb.mp import local_link
 from dragon_nb.runtime.client import exit_reason, get_runtime
 from dragon_nb.tunables import BYE_GRACE_S, HOST_START_S
 from dragon_nb.wire import protocol as P
@@ -72,6 +73,7 @@ class Hub:
         net = runtime.network
         self.router = P.Channel(self.zctx.socket(zmq.ROUTER), net.codec(), routed=True)
         self.address = net.bind(self.router.sock, f"mp-hub-{self.pid}-{os.urandom(3).hex()}")
+        self.local = local_link.Listener()      # children on this host say it here
         self.sub = runtime.subscribe(P.TOPIC_EXIT + self.owner.encode(), P.TOPIC_TELEMETRY,
                                      context=self.zctx)
         self.subscribed = threading.Event()     # the exit events are reaching us
@@ -122,6 +124,7 @@ class Hub:
             self.exited(key, *early.exit)
         elif early.bye_code is not None:
             self.exited(key, early.bye_code, finished_by_bye=True)
+        self.finish_due()          # here: the thread may sleep LIVENESS_POLL_S before it looks
 
     def wait_bound(self, key: tuple, timeout: float = HOST_START_S) -> dict:
         """The BOUND message of the object host ``key``; raises if it does not come."""
@@ -157,10 +160,16 @@ class Hub:
         poller = zmq.Poller()
         poller.register(self.router.sock, zmq.POLLIN)
         poller.register(self.sub.sock, zmq.POLLIN)
+        poller.register(self.local.sock.fileno(), zmq.POLLIN)   # reported by descriptor
         next_look = time.monotonic() + LIVENESS_POLL_S
         try:
             while self.running:
                 events = dict(poller.poll(self.poll_ms()))
+                if self.local.sock.fileno() in events:
+                    for conn in self.local.accept():
+                        poller.register(conn.fileno(), zmq.POLLIN)
+                for fd in [fd for fd in self.local.conns if fd in events]:
+                    self.read_local(fd, poller)
                 if self.router.sock in events:       # prints and byes before exits
                     self.read_children()
                 if self.sub.sock in events:
@@ -177,6 +186,7 @@ class Hub:
         finally:
             self.router.close(linger=0)
             self.sub.close(linger=0)
+            self.local.close()
             self.zctx.term()
 
     def poll_ms(self) -> int:
@@ -190,6 +200,16 @@ class Hub:
                 self.dispatch(kind, body)
             except Exception as e:
                 _dropped("dropped a %r message: %r", kind, e)
+
+    def read_local(self, fd, poller):
+        messages, still_open = self.local.read(self.local.conns[fd])
+        if not still_open:
+            poller.unregister(fd)
+        for kind, body in messages:
+            try:
+                self.dispatch(kind, body)
+            except Exception as e:
+                _dropped("dropped a %r packet: %r", kind, e)
 
     def read_events(self):
         for topic, _kind, body, _bufs in self.sub.drain(_dropped):

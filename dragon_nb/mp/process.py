@@ -49,7 +49,8 @@ class Popen:
         if node is not None:
             node = _check_node(self._hub.runtime, node)
         spec = pickle.dumps({"process": _dump_process(process_obj, self),
-                             "hub": self._hub.address, "env": launch.caller_environment(),
+                             "hub": self._hub.address, "hub_local": self._hub.local.where,
+                             "env": launch.caller_environment(),
                              "parent_space": network.pid_space(),
                              "hosts": object_hosts.known()})
         try:

@@ -115,7 +115,8 @@ BOUND = b"bd"         # the address a service bound where it runs: pipeline stag
 # a Process -> the hub of the process that started it
 MP_OUTPUT = b"mo"     # {"pid", "stream", "text"}: what it printed
 MP_BYE = b"mb"        # {"pid", "code"}: it finished (its output is all sent); the exit
-                      # itself is the head's ``exit.<owner>`` event
+                      # itself is the head's ``exit.<owner>`` event. On the hub's own
+                      # host both go as packets on a Unix socket (``encode_packet``)
 # an object host -> whoever started it: BOUND {"address", "node", "pid", "pid_space",
 # "start_time"}. Any process of the runtime <-> an object host: REQ/REP/EVT with the
 # ``Op.MP_*`` ops.
@@ -434,6 +435,29 @@ class Codec:
         except Exception as e:  # malformed body: report, never crash the peer
             raise ProtocolError(f"undecodable body: {e!r}") from None
         return kind, body, frames[2:]
+
+
+# --- packets: one message in one datagram of a local Unix socket -------------------
+# What a Process on its parent's host sends to the parent's hub (mp/local_link.py):
+# ``len(kind)``, ``kind``, then the body's pickle, read like any body. Unsigned: the
+# kernel names the sender's user (SO_PEERCRED) and the hub admits only its own.
+_PACKET_HEAD = struct.Struct("<B")
+
+
+def encode_packet(kind: bytes, body) -> bytes:
+    return _PACKET_HEAD.pack(len(kind)) + kind + pickle.dumps(body, protocol=PICKLE_PROTOCOL)
+
+
+def decode_packet(data: bytes):
+    """packet -> (kind, body); ProtocolError if it is not one."""
+    if not data or len(data) < 1 + data[0]:
+        raise ProtocolError("short packet")
+    n = data[0]
+    try:
+        body = loads_body(data[1 + n:])
+    except Exception as e:
+        raise ProtocolError(f"undecodable packet body: {e!r}") from None
+    return bytes(data[1:1 + n]), body
 
 
 def _bytes(f) -> bytes:
