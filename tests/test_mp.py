@@ -691,10 +691,14 @@ RAPID_INTERRUPTS_SCRIPT = textwrap.dedent('''
     import dragon_nb
 
     COUNT = int(sys.argv[1])
+    ITEMS_PER_INTERRUPT = 10     # until MIN_INTERRUPTS: so many interrupts whatever the speed
+    MIN_INTERRUPTS = 30
 
     def produce(q, count, tick):
-        """One item per tick: the consumer ticks each time it was interrupted or got
-        an item, so items arrive while its gets are being interrupted."""
+        """One item per tick: the consumer ticks each time it was interrupted, and
+        after an item unless it got ITEMS_PER_INTERRUPT items per interrupt already
+        (then its next get waits for the next Ctrl-C), so items arrive while its gets
+        are being interrupted, however the machine's speed sets the race."""
         for i in range(count):
             tick.acquire()
             q.put(i)
@@ -739,7 +743,8 @@ RAPID_INTERRUPTS_SCRIPT = textwrap.dedent('''
             if item is None:
                 break
             got.append(item)
-            tick.release()
+            if interrupts >= MIN_INTERRUPTS or interrupts * ITEMS_PER_INTERRUPT > len(got):
+                tick.release()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         p.join(30)
         missing = sorted(set(range(COUNT)) - set(got))
