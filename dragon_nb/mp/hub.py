@@ -195,21 +195,21 @@ class Hub:
         return int(min(wait, LIVENESS_POLL_S) * 1000) + 1
 
     def read_children(self):
-        for _ident, kind, body, _bufs in self.router.drain(_dropped):
-            try:
-                self.dispatch(kind, body)
-            except Exception as e:
-                _dropped("dropped a %r message: %r", kind, e)
+        self.handle((kind, body) for _ident, kind, body, _bufs in self.router.drain(_dropped))
 
     def read_local(self, fd, poller):
         messages, still_open = self.local.read(self.local.conns[fd])
         if not still_open:
             poller.unregister(fd)
+        self.handle(messages)
+
+    def handle(self, messages):
+        """Each (kind, body) from a child or an object host to its handler."""
         for kind, body in messages:
             try:
                 self.dispatch(kind, body)
             except Exception as e:
-                _dropped("dropped a %r packet: %r", kind, e)
+                _dropped("dropped a %r message: %r", kind, e)
 
     def read_events(self):
         for topic, _kind, body, _bufs in self.sub.drain(_dropped):

@@ -1,7 +1,7 @@
 """How a Process talks to its parent's hub when both run on one host: a Unix
 ``SOCK_SEQPACKET`` socket instead of a zmq link.
 
-Why: a child's zmq link cost it ~2.3 ms of CPU (measured 2026-12-05, 2 cores:
+Why: a child's zmq link cost it ~2.3 ms of CPU (measured 2026-12-04, 2 cores:
 a Process that prints nothing used 6.2 ms of CPU with it and 3.8 ms without),
 for a context whose I/O thread is started, connected, then terminated while
 the bye leaves; a start+join costs every process involved ~10 ms of CPU in
